@@ -1,0 +1,336 @@
+"""PyTorch checkpoints -> ncsn-jax parameter files.
+
+The only module of the package that imports torch, and only inside the functions that read a
+PyTorch file. The mapping itself works on NumPy arrays: a PyTorch key such as
+`module.res2.0.conv2.conv.weight` becomes the Flax path ('res2_0', 'conv2', 'conv', 'kernel'),
+with convolution kernels transposed from OIHW to HWIO.
+"""
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ncsn_jax import checkpoint
+from ncsn_jax.errors import UserError
+from ncsn_jax.models import ARCHITECTURES, create_model
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1
+
+
+@dataclass
+class TorchCheckpoint:
+    """The parts of an official NCSNv2 checkpoint, as NumPy arrays without the `module.` prefix."""
+
+    model_state: dict
+    ema_shadow: dict | None = None
+    optimizer_state: dict | None = None
+    epoch: int | None = None
+    step: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_torch_file(path):
+    """Read a PyTorch file with `torch.load(weights_only=True)`, which never runs pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint not found: {path}')
+    try:
+        import torch
+    except ImportError as exc:
+        raise UserError('reading PyTorch checkpoints needs torch; install it with '
+                        "pip install 'ncsn-jax[convert]' (or pip install torch==2.13.0)") from exc
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for bad files
+        message = str(exc)
+        # torch names the blocked callable as 'unsupported GLOBAL <name>' (2.6 and later).
+        if 'Weights only load failed' in message and 'unsupported global' in message.lower():
+            raise UserError(f'refusing to load {path}: it contains pickled Python objects that could '
+                            'run code; only files of tensors and plain containers are accepted. '
+                            'Re-save the state dict from a trusted environment') from None
+        raise UserError(f'cannot read {path}: not a valid PyTorch checkpoint, it may be truncated '
+                        f'or corrupt ({type(exc).__name__}); download or save it again') from None
+
+
+def _to_numpy(value):
+    if hasattr(value, 'detach'):
+        return value.detach().cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def _is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and hasattr(v, 'shape') for k, v in value.items())
+
+
+def strip_module_prefix(state: dict) -> dict:
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
+def split_checkpoint(obj, path) -> TorchCheckpoint:
+    """Accept the official list layout `[model, optimizer, epoch, step, ema_shadow]` or a state dict."""
+    if isinstance(obj, (list, tuple)):
+        if not obj or not _is_tensor_dict(obj[0]):
+            raise UserError(f'{path}: a list checkpoint must start with the model state dict '
+                            '([model_state, optimizer_state, epoch, step, ema_shadow])')
+        ema = obj[4] if len(obj) > 4 and _is_tensor_dict(obj[4]) else None
+        return TorchCheckpoint(
+            model_state=strip_module_prefix(_to_numpy(obj[0])),
+            ema_shadow=strip_module_prefix(_to_numpy(ema)) if ema is not None else None,
+            optimizer_state=_to_numpy(obj[1]) if len(obj) > 1 and isinstance(obj[1], dict) else None,
+            epoch=int(obj[2]) if len(obj) > 2 and isinstance(obj[2], int) else None,
+            step=int(obj[3]) if len(obj) > 3 and isinstance(obj[3], int) else None)
+    if _is_tensor_dict(obj):
+        return TorchCheckpoint(model_state=strip_module_prefix(_to_numpy(obj)))
+    if isinstance(obj, dict) and _is_tensor_dict(obj.get('state_dict')):
+        return TorchCheckpoint(model_state=strip_module_prefix(_to_numpy(obj['state_dict'])))
+    raise UserError(f'{path}: unrecognised checkpoint layout ({type(obj).__name__}); expected the '
+                    'official list [model_state, optimizer_state, epoch, step, ema_shadow] or a '
+                    'state dict of tensors')
+
+
+# ---------------------------------------------------------------------------------------------
+# Key mapping between PyTorch state dicts and Flax parameter trees.
+
+def flax_path(torch_key: str) -> tuple:
+    """Map `res2.0.conv2.conv.weight` to ('res2_0', 'conv2', 'conv', 'kernel')."""
+    parts = []
+    for part in torch_key.split('.'):
+        if part.isdigit() and parts:
+            parts[-1] = f'{parts[-1]}_{part}'
+        else:
+            parts.append(part)
+    if parts[-1] == 'weight':
+        parts[-1] = 'kernel'
+    return tuple(parts)
+
+
+_LIST_ITEM = re.compile(r'^(.+)_(\d+)$')
+
+
+def torch_key(path: tuple) -> str:
+    """Inverse of `flax_path`."""
+    parts = []
+    for part in path[:-1]:
+        match = _LIST_ITEM.match(part)
+        parts.extend(match.groups() if match else (part,))
+    parts.append('weight' if path[-1] == 'kernel' else path[-1])
+    return '.'.join(parts)
+
+
+def _torch_to_flax_array(key_path: tuple, value: np.ndarray) -> np.ndarray:
+    if key_path[-1] == 'kernel' and value.ndim == 4:
+        return np.ascontiguousarray(np.transpose(value, (2, 3, 1, 0)))
+    if key_path[-1] == 'kernel' and value.ndim == 2:
+        return np.ascontiguousarray(value.T)
+    return np.asarray(value)
+
+
+def _flax_to_torch_array(key_path: tuple, value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value)
+    if key_path[-1] == 'kernel' and value.ndim == 4:
+        return np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+    if key_path[-1] == 'kernel' and value.ndim == 2:
+        return np.ascontiguousarray(value.T)
+    return value
+
+
+def params_from_state_dict(state: dict) -> dict:
+    """Nest a PyTorch state dict (NumPy values) into a Flax parameter tree."""
+    tree = {}
+    for key, value in state.items():
+        path = flax_path(key)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _torch_to_flax_array(path, value)
+    return tree
+
+
+def state_dict_from_params(params: dict) -> dict:
+    """Flatten a Flax parameter tree back into PyTorch keys and layouts (NumPy values)."""
+    flat = {}
+
+    def visit(node, prefix):
+        for name, value in node.items():
+            if isinstance(value, dict):
+                visit(value, prefix + (name,))
+            else:
+                flat[torch_key(prefix + (name,))] = _flax_to_torch_array(prefix + (name,), value)
+
+    visit(params, ())
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Score models.
+
+def infer_architecture(state: dict, path) -> tuple[str, int, int]:
+    """Return (architecture, ngf, channels) from the keys and shapes of a score-model state dict."""
+    if 'begin_conv.weight' not in state or 'res1.0.conv1.weight' not in state:
+        raise UserError(f'{path}: not an NCSNv2 score-model checkpoint (no begin_conv/res1 weights)')
+    ngf, channels = (int(d) for d in state['begin_conv.weight'].shape[:2])
+    if 'res31.0.conv1.weight' in state:
+        return 'NCSNv2Deepest', ngf, channels
+    if 'res5.0.conv1.weight' in state:
+        return 'NCSNv2Deeper', ngf, channels
+    return 'NCSNv2', ngf, channels
+
+
+def expected_param_shapes(architecture: str, ngf: int, channels: int) -> dict:
+    """Map each PyTorch key of the architecture to its PyTorch shape, from the Flax module."""
+    module = create_model(architecture, ngf, channels)
+    size = 2 ** (ARCHITECTURES[architecture].downsampling_steps() + 2)
+    shapes = jax.eval_shape(module.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, size, size, channels), np.float32))
+    flat = state_dict_from_params(jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
+                                               shapes['params']))
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def check_state_matches(state: dict, expected: dict, path, what: str):
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f'missing {len(missing)} keys (e.g. {", ".join(missing[:3])})')
+    if unexpected:
+        problems.append(f'unexpected {len(unexpected)} keys (e.g. {", ".join(unexpected[:3])})')
+    if wrong:
+        k = wrong[0]
+        problems.append(f'{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} '
+                        f'instead of {expected[k]})')
+    if problems:
+        raise UserError(f'{path}: {what} does not fit the inferred architecture: '
+                        + '; '.join(problems))
+
+
+def score_model_from_checkpoint(ckpt: TorchCheckpoint, path, *, ema: bool = True):
+    """Return (params, sigmas or None, architecture, ngf, channels, used_ema)."""
+    state = dict(ckpt.model_state)
+    sigmas = state.pop('sigmas', None)
+    architecture, ngf, channels = infer_architecture(state, path)
+    expected = expected_param_shapes(architecture, ngf, channels)
+    check_state_matches(state, expected, path, 'the model state dict')
+    used_ema = False
+    if ema and ckpt.ema_shadow is not None:
+        shadow = {k: v for k, v in ckpt.ema_shadow.items() if k != 'sigmas'}
+        check_state_matches(shadow, expected, path, 'the EMA shadow')
+        state = shadow
+        used_ema = True
+    params = params_from_state_dict({k: v.astype(np.float32) for k, v in state.items()})
+    if sigmas is not None:
+        sigmas = np.asarray(sigmas, np.float32)
+    return params, sigmas, architecture, ngf, channels, used_ema
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole files.
+
+def _is_up_to_date(out: Path, source_sha256: str, options: dict) -> bool:
+    try:
+        payload = checkpoint.read_params_file(out)
+    except UserError:
+        return False
+    metadata = payload['metadata']
+    return (metadata.get('source_sha256') == source_sha256
+            and metadata.get('options') == options)
+
+
+def _check_against_config(config, config_name, architecture, ngf, channels, source):
+    expected = {'architecture': config.model.architecture, 'ngf': config.model.ngf,
+                'channels': config.data.channels}
+    found = {'architecture': architecture, 'ngf': ngf, 'channels': channels}
+    for key, value in expected.items():
+        if value != found[key]:
+            raise UserError(f'{source} holds a {architecture} with ngf {ngf} and {channels} channels, '
+                            f'but config {config_name} expects {key} {value}; pick the config that '
+                            'matches the checkpoint')
+
+
+def convert_file(source, out, *, ema: bool = True, config: str | None = None,
+                 force: bool = False) -> str:
+    """Convert a PyTorch score-model or FID Inception checkpoint into an ncsn-jax file.
+
+    Returns 'written' or 'up-to-date' (the output exists and was made from the same source bytes
+    with the same options, so nothing is done). Raises UserError for bad input, leaving `out`
+    untouched.
+    """
+    source, out = Path(source), Path(out)
+    if not source.is_file():
+        raise UserError(f'checkpoint not found: {source}')
+    if out.exists() and out.is_dir():
+        raise UserError(f'--out {out} is a folder; give a file path such as {out / "model.msgpack"}')
+    source_sha256 = file_sha256(source)
+    options = {'no_ema': not ema, 'config': config, 'converter_version': CONVERTER_VERSION}
+    if out.exists():
+        if _is_up_to_date(out, source_sha256, options):
+            log.info('%s is up to date (same source SHA-256 and options); nothing to do', out)
+            return 'up-to-date'
+        if not force:
+            raise UserError(f'{out} already exists and was not made from {source} with these '
+                            'options; pass --force to replace it')
+
+    cfg = None
+    if config is not None:
+        from ncsn_jax.config import load_config
+        cfg = load_config(config)
+
+    obj = load_torch_file(source)
+    metadata = {'source_name': source.name, 'source_sha256': source_sha256, 'options': options}
+
+    from ncsn_jax import inception
+    if isinstance(obj, dict) and _is_tensor_dict(obj) and inception.is_inception_state_dict(obj):
+        if cfg is not None:
+            raise UserError(f'{source} is an FID Inception checkpoint; --config applies to score '
+                            'models only, so drop it')
+        params = inception.inception_params_from_state_dict(_to_numpy(obj))
+        checkpoint.write_params_file(out, kind='inception', params=params, metadata=metadata,
+                                     overwrite=force)
+        log.info('wrote FID Inception parameters to %s', out)
+        return 'written'
+
+    ckpt = split_checkpoint(obj, source)
+    params, sigmas, architecture, ngf, channels, used_ema = score_model_from_checkpoint(
+        ckpt, source, ema=ema)
+    if cfg is not None:
+        _check_against_config(cfg, config, architecture, ngf, channels, source)
+    if sigmas is None:
+        if cfg is None:
+            raise UserError(f'{source} has no sigma table (no `sigmas` buffer); pass --config NAME '
+                            'so that the geometric ladder of that config is stored')
+        from ncsn_jax.config import sigma_ladder
+        sigmas = np.asarray(sigma_ladder(cfg), np.float32)
+        metadata['sigmas_from_config'] = True
+    if ema and ckpt.ema_shadow is None:
+        log.warning('%s has no EMA shadow; converting the raw model weights', source)
+    metadata.update(architecture=architecture, ngf=ngf, channels=channels, ema=used_ema,
+                    num_classes=int(sigmas.shape[0]), sigma_begin=float(sigmas[0]),
+                    sigma_end=float(sigmas[-1]), epoch=ckpt.epoch, step=ckpt.step)
+    if cfg is not None:
+        metadata['image_size'] = cfg.data.image_size
+    checkpoint.write_params_file(out, kind='score_model', params=params, metadata=metadata,
+                                 extra={'sigmas': sigmas}, overwrite=force)
+    log.info('wrote %s (ngf %d, %d channels, %d noise levels, %s weights) to %s', architecture, ngf,
+             channels, sigmas.shape[0], 'EMA' if used_ema else 'raw', out)
+    return 'written'

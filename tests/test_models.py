@@ -1,0 +1,54 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FORWARD_CASES, GOLDEN, relative_l2
+from ncsn_jax import load_score_model
+from ncsn_jax.models import ARCHITECTURES, check_image_size, create_model
+
+
+@pytest.mark.parametrize('ema', [True, False], ids=['ema', 'raw'])
+@pytest.mark.parametrize('name', sorted(FORWARD_CASES))
+def test_forward_matches_reference(converted_models, name, ema):
+    golden = np.load(GOLDEN / f'forward_{name}.npz')
+    model = load_score_model(converted_models[name, ema])
+    np.testing.assert_allclose(np.asarray(model.sigmas), golden['sigmas'], rtol=1e-7)
+    x = golden['x'].transpose(0, 2, 3, 1)
+    sigma = np.asarray(model.sigmas)[golden['labels']]
+    with jax.default_matmul_precision('highest'):
+        out = np.asarray(model(x, sigma)).transpose(0, 3, 1, 2)
+    expected = golden['out_ema' if ema else 'out_params']
+    error = relative_l2(out, expected)
+    assert error <= 1e-5, error
+
+
+def test_scalar_sigma_equals_per_sample_sigma(converted_models):
+    model = load_score_model(converted_models['digits_ngf16', True])
+    x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 1))
+    np.testing.assert_allclose(model(x, 0.5), model(x, jnp.full((3,), 0.5)), rtol=1e-6)
+
+
+@pytest.mark.parametrize('architecture,size', [('NCSNv2', 28), ('NCSNv2Deeper', 28),
+                                               ('NCSNv2', 48), ('NCSNv2Deepest', 32)])
+def test_accepted_image_sizes_run(architecture, size):
+    assert check_image_size(architecture, size) is None
+    module = create_model(architecture, ngf=4, channels=1)
+    x = jnp.zeros((1, size, size, 1))
+    params = module.init(jax.random.key(0), x)
+    out = module.apply(params, x)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize('architecture,size', [('NCSNv2', 27), ('NCSNv2Deeper', 30),
+                                               ('NCSNv2Deepest', 28)])
+def test_unsupported_image_sizes_explained(architecture, size):
+    reason = check_image_size(architecture, size)
+    assert reason is not None
+    assert str(size) in reason
+
+
+def test_unknown_architecture_rejected():
+    with pytest.raises(ValueError, match='unknown architecture'):
+        create_model('NCSNv3', 8, 3)
+    assert set(ARCHITECTURES) == {'NCSNv2', 'NCSNv2Deeper', 'NCSNv2Deepest'}
