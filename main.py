@@ -80,6 +80,11 @@ def main(argv=None) -> int:
                              k_i_decay=args.k_i_decay, k_d_decay=args.k_d_decay,
                              n_steps_each=args.n_steps_each, num_classes=args.num_classes)
     model = load_model_for(config)
+    evaluator = None
+    if config.evaluation.evaluate:
+        # Missing Inception or statistics files are reported here, before any sampling.
+        from ncsn_jax.evaluation import Evaluator
+        evaluator = Evaluator(config.evaluation, config.source)
 
     import jax
     from ncsn_jax import experiment
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     if args.comment:
         log.info('comment: %s', args.comment)
     experiment.write_run_settings(exp_dir, config, dict(vars(args), command=shlex.join(sys.argv)))
-    experiment.run_sampling(model, config, exp_dir, args.seed)
+    experiment.run_sampling(model, config, exp_dir, args.seed, evaluator=evaluator)
     log.info('done: %s', exp_dir)
     return 0
 

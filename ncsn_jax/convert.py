@@ -305,6 +305,7 @@ def convert_file(source, out, *, ema: bool = True, config: str | None = None,
             raise UserError(f'{source} is an FID Inception checkpoint; --config applies to score '
                             'models only, so drop it')
         params = inception.inception_params_from_state_dict(_to_numpy(obj))
+        metadata['architecture'] = inception.ARCHITECTURE
         checkpoint.write_params_file(out, kind='inception', params=params, metadata=metadata,
                                      overwrite=force)
         log.info('wrote FID Inception parameters to %s', out)
@@ -334,3 +335,297 @@ def convert_file(source, out, *, ema: bool = True, config: str | None = None,
     log.info('wrote %s (ngf %d, %d channels, %d noise levels, %s weights) to %s', architecture, ngf,
              channels, sigmas.shape[0], 'EMA' if used_ema else 'raw', out)
     return 'written'
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: official checkpoints <-> train_state files, and export to the official layout.
+
+# Registration order of the official NCSNv2 modules, which is the order of `model.parameters()`
+# and of the state dict: siblings are ordered by their position here. RCU convolutions
+# ('1_2_conv') and list items (digits) are ordered by their numbers.
+TORCH_MODULE_ORDER = (
+    'sigmas', 'begin_conv', 'normalizer', 'end_conv',
+    'res1', 'res2', 'res3', 'res31', 'res4', 'res5',
+    'refine1', 'refine2', 'refine3', 'refine31', 'refine4', 'refine5',
+    # ResidualBlock
+    'conv1', 'normalize2', 'conv2', 'shortcut', 'normalize1',
+    # RefineBlock, MSFBlock, CRPBlock, ConvMeanPool
+    'adapt_convs', 'output_convs', 'msf', 'crp', 'convs', 'conv',
+    # tensors
+    'weight', 'bias', 'alpha', 'gamma', 'beta',
+)
+_TORCH_RANK = {name: rank for rank, name in enumerate(TORCH_MODULE_ORDER)}
+_RCU_CONV = re.compile(r'^(\d+)_(\d+)_conv$')
+
+
+def _torch_order_key(key: str) -> tuple:
+    parts = []
+    for part in key.split('.'):
+        rcu = _RCU_CONV.match(part)
+        if part.isdigit():
+            parts.append((0, int(part), 0))
+        elif rcu:
+            parts.append((1, int(rcu.group(1)), int(rcu.group(2))))
+        elif part in _TORCH_RANK:
+            parts.append((2, _TORCH_RANK[part], 0))
+        else:
+            raise ValueError(f'no known PyTorch registration order for {part!r} in {key!r}')
+    return tuple(parts)
+
+
+def torch_parameter_order(keys) -> list:
+    """Sort state-dict keys (without `module.`) into the official NCSNv2 registration order."""
+    return sorted(keys, key=_torch_order_key)
+
+
+def _json_value(value):
+    """Make an optimizer hyperparameter storable in the metadata (tuples become lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def adam_state_from_torch(optimizer_state, param_keys: list, state: dict, path):
+    """Map a `torch.optim.Adam` state dict to {'count', 'mu', 'nu'[, 'nu_max']} Flax trees.
+
+    torch keys the per-parameter state by the index in `model.parameters()`, which is the order of
+    `param_keys` (the state-dict keys without the `sigmas` buffer). Returns (adam tree or None,
+    param group hyperparameters or None); None when the optimizer never stepped.
+    """
+    if not isinstance(optimizer_state, dict) or 'param_groups' not in optimizer_state:
+        return None, None
+    groups = optimizer_state['param_groups']
+    if len(groups) != 1:
+        raise UserError(f'{path}: the optimizer state has {len(groups)} parameter groups; the '
+                        'official NCSNv2 optimizer has one')
+    group = groups[0]
+    if 'betas' not in group or 'eps' not in group:
+        raise UserError(f'{path}: the optimizer state is not an Adam state (no betas or eps in '
+                        'its parameter group); only Adam states can be converted')
+    indices = list(group.get('params', []))
+    if indices != list(range(len(param_keys))):
+        raise UserError(f'{path}: the optimizer holds {len(indices)} parameters, the model '
+                        f'{len(param_keys)}; the optimizer state does not belong to this model')
+    hyperparameters = {k: _json_value(v) for k, v in group.items() if k != 'params'}
+    per_param = optimizer_state.get('state') or {}
+    if not per_param:
+        log.warning('%s: the Adam state is empty (the optimizer never stepped)', path)
+        return None, hyperparameters
+
+    amsgrad = bool(group.get('amsgrad', False))
+    names = {'mu': 'exp_avg', 'nu': 'exp_avg_sq'}
+    if amsgrad:
+        names['nu_max'] = 'max_exp_avg_sq'
+    moments = {name: {} for name in names}
+    steps = set()
+    for index, key in enumerate(param_keys):
+        entry = per_param.get(index)
+        if entry is None:
+            raise UserError(f'{path}: the Adam state has no entry for parameter {index} ({key})')
+        for name, torch_name in names.items():
+            if torch_name not in entry:
+                raise UserError(f'{path}: the Adam state of parameter {index} ({key}) has no '
+                                f'{torch_name}')
+            value = np.asarray(entry[torch_name])
+            if value.shape != tuple(state[key].shape):
+                raise UserError(f'{path}: Adam {torch_name} of parameter {index} has shape '
+                                f'{value.shape}, but {key} has {tuple(state[key].shape)}; the '
+                                'optimizer state does not match the model')
+            moments[name][key] = value.astype(np.float32)
+        steps.add(float(np.asarray(entry.get('step', 0))))
+    if len(steps) != 1:
+        raise UserError(f'{path}: the Adam step counts differ between parameters '
+                        f'({sorted(steps)[:3]}...); a single count is required')
+    adam = {'count': np.asarray(int(steps.pop()), np.int64)}
+    adam.update({name: params_from_state_dict(values) for name, values in moments.items()})
+    return adam, hyperparameters
+
+
+def train_state_from_checkpoint(ckpt: TorchCheckpoint, path, *, sigmas=None) -> dict:
+    """Return the train_state payload {'kind', 'params', 'metadata', 'extra'} of a checkpoint.
+
+    The payload has the layout of `ncsn_jax.train_state` files: raw parameters, the EMA shadow,
+    the Adam moments and step count, the epoch and step. `sigmas` is used when the checkpoint has
+    no `sigmas` buffer.
+    """
+    state = dict(ckpt.model_state)
+    stored_sigmas = state.pop('sigmas', None)
+    if stored_sigmas is not None:
+        sigmas = stored_sigmas
+    if sigmas is None:
+        raise UserError(f'{path} has no sigma table (no `sigmas` buffer); pass --config NAME so '
+                        'that the geometric ladder of that config is stored')
+    sigmas = np.asarray(sigmas, np.float32)
+    architecture, ngf, channels = infer_architecture(state, path)
+    expected = expected_param_shapes(architecture, ngf, channels)
+    check_state_matches(state, expected, path, 'the model state dict')
+    param_keys = list(state)
+
+    extra = {'sigmas': sigmas}
+    if ckpt.ema_shadow is not None:
+        shadow = {k: v for k, v in ckpt.ema_shadow.items() if k != 'sigmas'}
+        check_state_matches(shadow, expected, path, 'the EMA shadow')
+        extra['ema_params'] = params_from_state_dict(
+            {k: np.asarray(v, np.float32) for k, v in shadow.items()})
+    adam, hyperparameters = adam_state_from_torch(ckpt.optimizer_state, param_keys, state, path)
+    if adam is not None:
+        extra['adam'] = adam
+
+    metadata = {
+        'architecture': architecture, 'ngf': ngf, 'channels': channels,
+        'num_classes': int(sigmas.shape[0]), 'sigma_begin': float(sigmas[0]),
+        'sigma_end': float(sigmas[-1]), 'step': int(ckpt.step or 0), 'epoch': int(ckpt.epoch or 0),
+        'optimizer': hyperparameters, 'ema': ckpt.ema_shadow is not None,
+        'torch_parameter_order': param_keys,
+    }
+    params = params_from_state_dict({k: np.asarray(v, np.float32) for k, v in state.items()})
+    return {'kind': 'train_state', 'params': params, 'metadata': metadata, 'extra': extra}
+
+
+def convert_train_state_file(source, out, *, config: str | None = None,
+                             force: bool = False) -> str:
+    """Convert an official checkpoint with its Adam state and EMA shadow to a train_state file.
+
+    Returns 'written' or 'up-to-date', like `convert_file`. Raises UserError for bad input,
+    leaving `out` untouched.
+    """
+    from ncsn_jax import train_state
+
+    source, out = Path(source), Path(out)
+    if not source.is_file():
+        raise UserError(f'checkpoint not found: {source}')
+    if out.exists() and out.is_dir():
+        raise UserError(f'--out {out} is a folder; give a file path such as {out / "state.msgpack"}')
+    source_sha256 = file_sha256(source)
+    options = {'train_state': True, 'config': config, 'converter_version': CONVERTER_VERSION}
+    if out.exists():
+        if _is_up_to_date(out, source_sha256, options):
+            log.info('%s is up to date (same source SHA-256 and options); nothing to do', out)
+            return 'up-to-date'
+        if not force:
+            raise UserError(f'{out} already exists and was not made from {source} with these '
+                            'options; pass --force to replace it')
+
+    cfg = config_sigmas = None
+    if config is not None:
+        from ncsn_jax.config import load_config, sigma_ladder
+        cfg = load_config(config)
+        config_sigmas = sigma_ladder(cfg)
+    ckpt = split_checkpoint(load_torch_file(source), source)
+    payload = train_state_from_checkpoint(ckpt, source, sigmas=config_sigmas)
+    metadata = payload['metadata']
+    if cfg is not None:
+        _check_against_config(cfg, config, metadata['architecture'], metadata['ngf'],
+                              metadata['channels'], source)
+        metadata['image_size'] = cfg.data.image_size
+    metadata.update(source_name=source.name, source_sha256=source_sha256, options=options)
+    extra = payload['extra']
+    train_state.write_train_state_file(out, params=payload['params'], sigmas=extra['sigmas'],
+                                       metadata=metadata, ema_params=extra.get('ema_params'),
+                                       adam=extra.get('adam'), overwrite=force)
+    log.info('wrote the training state of %s (%s, ngf %d, step %d, %s, %s) to %s', source,
+             metadata['architecture'], metadata['ngf'], metadata['step'],
+             'Adam state' if 'adam' in extra else 'no Adam state',
+             'EMA shadow' if 'ema_params' in extra else 'no EMA shadow', out)
+    return 'written'
+
+
+def _tensor(value):
+    import torch
+    return torch.from_numpy(np.array(value, np.float32, copy=True))
+
+
+def official_checkpoint_from_payload(payload: dict, path) -> list:
+    """Build the official list [model_state, optimizer_state, epoch, step, ema_shadow] (torch).
+
+    `payload` is a decoded score_model or train_state file. Model keys get the `module.` prefix
+    and the `sigmas` buffer comes first, as `torch.nn.DataParallel` saves them. A score_model file
+    holds one set of weights, which becomes both the model state and the EMA shadow; its optimizer
+    state is empty ({'state': {}, 'param_groups': []}), so official training cannot resume from
+    it. A train_state file without an EMA shadow gives a list of four items, as the official code
+    writes when EMA is off.
+    """
+    import collections
+
+    kind = payload.get('kind')
+    if kind not in ('score_model', 'train_state'):
+        raise UserError(f'{path} holds a {kind!r} file; only score_model and train_state files '
+                        'can be exported to PyTorch')
+    metadata, extra = payload['metadata'], payload['extra']
+    state = state_dict_from_params(payload['params'])
+    architecture, ngf, channels = infer_architecture(state, path)
+    check_state_matches(state, expected_param_shapes(architecture, ngf, channels), path,
+                        'the parameters')
+    order = metadata.get('torch_parameter_order')
+    if not order or sorted(order) != sorted(state):
+        order = torch_parameter_order(state)
+
+    model_state = collections.OrderedDict()
+    model_state['module.sigmas'] = _tensor(extra['sigmas'])
+    for key in order:
+        model_state['module.' + key] = _tensor(state[key])
+
+    if kind == 'score_model':
+        shadow = collections.OrderedDict((key, _tensor(state[key])) for key in order)
+        optimizer_state = {'state': {}, 'param_groups': []}
+        return [model_state, optimizer_state, int(metadata.get('epoch') or 0),
+                int(metadata.get('step') or 0), shadow]
+
+    optimizer_state = _torch_optimizer_state(metadata.get('optimizer'), extra.get('adam'), order)
+    result = [model_state, optimizer_state, int(metadata.get('epoch') or 0),
+              int(metadata.get('step') or 0)]
+    if 'ema_params' in extra:
+        ema = state_dict_from_params(extra['ema_params'])
+        result.append(collections.OrderedDict((key, _tensor(ema[key])) for key in order))
+    return result
+
+
+def _torch_optimizer_state(hyperparameters, adam, order) -> dict:
+    import torch
+
+    group = dict(hyperparameters or {})
+    if 'betas' in group:
+        group['betas'] = tuple(group['betas'])
+    group['params'] = list(range(len(order)))
+    per_param = {}
+    if adam is not None:
+        names = {'exp_avg': 'mu', 'exp_avg_sq': 'nu'}
+        if 'nu_max' in adam:
+            names['max_exp_avg_sq'] = 'nu_max'
+        flat = {torch_name: state_dict_from_params(adam[name]) for torch_name, name in names.items()}
+        count = float(np.asarray(adam['count']))
+        for index, key in enumerate(order):
+            entry = {'step': torch.tensor(count, dtype=torch.float32)}
+            for torch_name in names:
+                entry[torch_name] = _tensor(flat[torch_name][key])
+            per_param[index] = entry
+    return {'state': per_param, 'param_groups': [group] if hyperparameters else []}
+
+
+def export_file(source, out, *, force: bool = False) -> Path:
+    """Write an ncsn-jax score_model or train_state file as an official PyTorch checkpoint.
+
+    The file is written atomically with `torch.save`. Raises UserError when `out` exists and
+    `force` is false, or when `source` is not an exportable file.
+    """
+    import io
+
+    import torch
+
+    from ncsn_jax.fileio import atomic_write_bytes
+
+    source, out = Path(source), Path(out)
+    if out.exists() and out.is_dir():
+        raise UserError(f'--out {out} is a folder; give a file path such as {out / "model.pth"}')
+    if out.exists() and not force:
+        raise UserError(f'{out} already exists; pass --force to replace it')
+    payload = checkpoint.read_params_file(source)
+    obj = official_checkpoint_from_payload(payload, source)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(out, buffer.getvalue(), overwrite=force)
+    log.info('wrote %s (%s file, step %d) as an official PyTorch checkpoint to %s', source,
+             payload['kind'], obj[3], out)
+    return out

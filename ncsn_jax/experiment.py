@@ -9,6 +9,9 @@ The only module that writes into an experiment folder. Layout of a finished run:
         image_samples/grid_step_<k>.png        grids after global step k (visualization.last_only false)
         image_samples/grid_final.png
         sampler_record_dict.json, sampler_record.png
+        metric_record_dict.json                FID/IS/KID per evaluation (evaluation.evaluate)
+
+The final samples are evaluated as global step L·T (after the denoising step, if any).
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from ncsn_jax import plots
+from ncsn_jax import evaluation, plots
 from ncsn_jax.config import Config, config_to_dict, sigma_ladder
 from ncsn_jax.errors import UserError
 from ncsn_jax.fileio import atomic_save_npz, atomic_write_json, atomic_write_text
@@ -100,10 +103,11 @@ class RunPlan:
     total_steps: int
     snapshot_steps: tuple   # global steps whose samples are saved as .npz
     grid_steps: tuple       # global steps drawn as PNG grids
+    eval_steps: tuple = ()  # global steps whose samples are evaluated (besides the final ones)
 
     @property
     def kept_steps(self) -> tuple:
-        return tuple(sorted(set(self.snapshot_steps) | set(self.grid_steps)))
+        return tuple(sorted(set(self.snapshot_steps) | set(self.grid_steps) | set(self.eval_steps)))
 
     @property
     def n_chunks(self) -> int:
@@ -119,9 +123,13 @@ def plan_run(config: Config) -> RunPlan:
     grid_steps = ()
     if visualization.save and not visualization.last_only:
         grid_steps = tuple(range(0, total, visualization.freq))
+    eval_steps = ()
+    if config.evaluation.evaluate and not config.evaluation.last_only:
+        eval_steps = tuple(range(0, total, config.evaluation.freq))
     n_samples = sampling.n_samples or sampling.batch_size
     return RunPlan(n_samples=n_samples, batch_size=min(sampling.batch_size, n_samples),
-                   total_steps=total, snapshot_steps=snapshot_steps, grid_steps=grid_steps)
+                   total_steps=total, snapshot_steps=snapshot_steps, grid_steps=grid_steps,
+                   eval_steps=eval_steps)
 
 
 def _first_nonfinite_step(image_norms: np.ndarray):
@@ -172,8 +180,12 @@ def write_run_settings(exp_dir: Path, config: Config, args: dict):
     atomic_write_text(exp_dir / 'args.yml', yaml.safe_dump(args, sort_keys=False))
 
 
-def run_sampling(model, config: Config, exp_dir: Path, seed: int) -> dict:
-    """Draw `sampling.n_samples` samples into `exp_dir`; return the record (means over samples)."""
+def run_sampling(model, config: Config, exp_dir: Path, seed: int, evaluator=None) -> dict:
+    """Draw `sampling.n_samples` samples into `exp_dir`; return the record and the metrics.
+
+    With an `evaluation.Evaluator`, the Inception features of each chunk are computed as the
+    chunk completes, so only features (n × 2048) are kept for the metrics, never all snapshots.
+    """
     plan = plan_run(config)
     image_dir = exp_dir / 'image_samples'
     image_dir.mkdir()
@@ -183,7 +195,9 @@ def run_sampling(model, config: Config, exp_dir: Path, seed: int) -> dict:
              config.sampling.k_i, config.sampling.k_d)
 
     grid_count = config.visualization.nrow ** 2
-    samples, kept, grid_kept = [], [], []
+    samples, kept = [], []
+    eval_slots = [plan.kept_steps.index(step) for step in plan.eval_steps]
+    features = {step: ([], []) for step in plan.eval_steps + (plan.total_steps,)}
     norm_sums = {name: np.zeros(plan.total_steps, np.float64) for name in NORM_NAMES}
     started = time.perf_counter()
     with tqdm(total=plan.n_samples, unit='sample', desc='sampling') as progress:
@@ -192,6 +206,12 @@ def run_sampling(model, config: Config, exp_dir: Path, seed: int) -> dict:
             kept.append(snapshots)
             for name in NORM_NAMES:
                 norm_sums[name] += sums[name]
+            if evaluator is not None:
+                batches = [(step, snapshots[slot]) for step, slot in zip(plan.eval_steps, eval_slots)]
+                for step, images in batches + [(plan.total_steps, x)]:
+                    pool, logits = evaluator.features(images)
+                    features[step][0].append(pool)
+                    features[step][1].append(logits)
             progress.update(len(indices))
     log.info('sampling took %.1f s', time.perf_counter() - started)
 
@@ -215,4 +235,13 @@ def run_sampling(model, config: Config, exp_dir: Path, seed: int) -> dict:
                       {name: [float(v) for v in values] for name, values in record.items()})
     plots.plot_record(exp_dir / 'sampler_record.png', record, config.sampling.n_steps_each)
     log.info('final samples: %s', image_dir / 'samples_final.npz')
-    return {'record': record, 'samples': samples}
+
+    metric_record = None
+    if evaluator is not None:
+        metric_record = evaluation.empty_metric_record()
+        for step, (pools, logits) in sorted(features.items()):
+            metrics = evaluator.metrics(np.concatenate(pools), np.concatenate(logits))
+            evaluation.log_metrics(step, metrics)
+            evaluation.append_metrics(metric_record, step, metrics)
+        atomic_write_json(exp_dir / 'metric_record_dict.json', metric_record)
+    return {'record': record, 'samples': samples, 'metrics': metric_record}

@@ -238,20 +238,33 @@ def kernel_inception_distance(features_a, features_b, num_subsets: int = 100,
 # Statistics files
 
 
-def save_stats(path, mu, sigma, overwrite: bool = False) -> Path:
+def save_stats(path, mu, sigma, overwrite: bool = False, features=None) -> Path:
     """Write `mu` and `sigma` atomically to an uncompressed `.npz`, the format pytorch-fid reads.
 
+    `features`, if given, is stored as a float32 array `features` (a subset of the reference
+    features) so that KID can be computed against the file later; pytorch-fid ignores it.
     Raises UserError when `path` exists and `overwrite` is false.
     """
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f'expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}')
+    arrays = {'mu': mu, 'sigma': sigma}
+    if features is not None:
+        arrays['features'] = np.asarray(features, dtype=np.float32)
     try:
-        return atomic_save_npz(path, overwrite=overwrite, mu=mu, sigma=sigma)
+        return atomic_save_npz(path, overwrite=overwrite, **arrays)
     except FileExistsError:
         raise UserError(f'{path} already exists; choose another path or allow overwriting '
                         'it') from None
+
+
+def load_reference_features(path):
+    """Return the `features` array of a statistics file, or None when it has none."""
+    with np.load(path, allow_pickle=False) as data:
+        if 'features' not in data.files:
+            return None
+        return np.asarray(data['features'], dtype=np.float64)
 
 
 def load_stats(path):

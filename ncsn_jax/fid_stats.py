@@ -22,6 +22,9 @@ from ncsn_jax.fid import DEFAULT_BATCH_SIZE, compute_statistics, load_inception,
 from ncsn_jax.image_io import open_image_source
 from ncsn_jax.inception import INPUT_SIZE
 
+# Reference features kept for KID: KID draws subsets of at most 1000 samples, so 2000 suffice.
+DEFAULT_KID_FEATURES = 2000
+
 log = logging.getLogger('ncsn_jax.fid_stats')
 
 
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         metavar='N', help=f'images per network call (default {DEFAULT_BATCH_SIZE})')
     parser.add_argument('--force', action='store_true', help='replace an existing --out file')
+    parser.add_argument('--kid-features', type=int, default=DEFAULT_KID_FEATURES, metavar='N',
+                        help='also store a seeded random subset of N pool features (all when there '
+                        'are fewer) so that main.py can compute KID against this file; 0 stores '
+                        f'none (default {DEFAULT_KID_FEATURES}, about 8 MB per 1000)')
     return parser
 
 
@@ -88,7 +95,12 @@ def run(args) -> None:
     features = compute_pool_features(source, inception, size=size)
 
     mu, sigma = compute_statistics(features)
-    save_stats(out, mu, sigma, overwrite=args.force)
+    kept = None
+    if args.kid_features > 0:
+        rng = np.random.default_rng(0)
+        count = min(args.kid_features, features.shape[0])
+        kept = features[np.sort(rng.choice(features.shape[0], count, replace=False))]
+    save_stats(out, mu, sigma, overwrite=args.force, features=kept)
     log.info('wrote FID statistics of %d images to %s', features.shape[0], out)
 
 

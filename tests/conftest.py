@@ -59,3 +59,22 @@ def converted_models(tmp_path_factory):
 @pytest.fixture(scope='session')
 def digits_model_path(converted_models):
     return converted_models['digits_ngf16', True]
+
+
+@pytest.fixture(scope='session')
+def inception_weights(tmp_path_factory):
+    """(stand-in .pth in pytorch-fid's layout, its converted file), made once per session.
+
+    The real FID Inception weights cannot be bundled, so make_inception_weights.py writes seeded
+    weights in the same layout; the golden Inception outputs were computed with them.
+    """
+    import subprocess
+
+    from ncsn_jax.convert import convert_file
+    folder = tmp_path_factory.mktemp('fid_inception')
+    torch_file = folder / 'pt_inception_stand_in.pth'
+    converted = folder / 'inception.msgpack'
+    subprocess.run([sys.executable, str(DATA / 'make_inception_weights.py'), str(torch_file)],
+                   check=True)
+    convert_file(torch_file, converted)
+    return torch_file, converted

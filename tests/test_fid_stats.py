@@ -21,28 +21,6 @@ DATA = REPO_ROOT / 'tests' / 'data'
 BATCH_SIZE = 3
 
 
-@pytest.fixture(scope='session')
-def inception_weights(tmp_path_factory):
-    """Return (stand-in .pth, converted file), written once per session into its base temp folder.
-
-    Other test modules define the same fixture and reuse the files when they exist.
-    """
-    folder = tmp_path_factory.getbasetemp() / 'fid_inception'
-    torch_file = folder / 'pt_inception_stand_in.pth'
-    converted = folder / 'inception.msgpack'
-    if not converted.exists():
-        folder.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, str(DATA / 'make_inception_weights.py'), str(torch_file)],
-                       check=True)
-        loaded = torch.load(torch_file, map_location='cpu', weights_only=True)
-        state_dict = {key: value.numpy() for key, value in loaded.items()}
-        write_params_file(converted, kind='inception',
-                          params=inception.inception_params_from_state_dict(state_dict),
-                          metadata={'architecture': inception.ARCHITECTURE,
-                                    'source_name': torch_file.name})
-    return torch_file, converted
-
-
 @pytest.fixture(scope='module')
 def network(inception_weights):
     return load_inception(inception_weights[1], batch_size=BATCH_SIZE)

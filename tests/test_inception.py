@@ -26,26 +26,6 @@ def load_torch_state_dict(path) -> dict:
     return {key: value.numpy() for key, value in loaded.items()}
 
 
-@pytest.fixture(scope='session')
-def inception_weights(tmp_path_factory):
-    """Return (stand-in .pth, converted file), written once per session into its base temp folder.
-
-    Other test modules define the same fixture and reuse the files when they exist.
-    """
-    folder = tmp_path_factory.getbasetemp() / 'fid_inception'
-    torch_file = folder / 'pt_inception_stand_in.pth'
-    converted = folder / 'inception.msgpack'
-    if not converted.exists():
-        folder.mkdir(exist_ok=True)
-        subprocess.run([sys.executable, str(DATA / 'make_inception_weights.py'), str(torch_file)],
-                       check=True)
-        variables = inception.inception_params_from_state_dict(load_torch_state_dict(torch_file))
-        write_params_file(converted, kind='inception', params=variables,
-                          metadata={'architecture': inception.ARCHITECTURE,
-                                    'source_name': torch_file.name})
-    return torch_file, converted
-
-
 @pytest.fixture(scope='module')
 def state_dict(inception_weights):
     return load_torch_state_dict(inception_weights[0])
