@@ -6,7 +6,7 @@ runs code when read):
     {'format': 'ncsn-jax', 'version': 1, 'kind': KIND, 'metadata': {...}, 'params': TREE,
      'extra': {...}}
 
-KIND is 'score_model', 'inception' or 'train_state'. `metadata` holds JSON-compatible values
+KIND is 'score_model', 'inception' or 'train_state'. `metadata` contains JSON-compatible values
 (architecture, ngf, channels, the SHA-256 of the source file, conversion options). `extra` holds
 further array trees, such as the sigma table, the EMA parameters or an optimizer state.
 """
@@ -68,6 +68,6 @@ def read_params_file(path, *, kind: str | None = None) -> dict:
         raise UserError(f'{path} has format version {payload.get("version")}, this ncsn-jax reads '
                         f'version {FORMAT_VERSION}; re-create it with convert/torch_to_flax.py')
     if kind is not None and payload.get('kind') != kind:
-        raise UserError(f'{path} holds a {payload.get("kind")!r} file, expected {kind!r}')
+        raise UserError(f'{path} is a {payload.get("kind")!r} file, expected {kind!r}')
     payload.setdefault('extra', {})
     return payload

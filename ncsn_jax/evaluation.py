@@ -36,11 +36,11 @@ class Evaluator:
         self.inception = fid.load_inception(params_path, batch_size=evaluation_config.batch_size)
         self.mu, self.sigma = fid.load_stats(stats_path)
         if self.mu.shape[0] != 2048:
-            raise UserError(f'{stats_path} holds {self.mu.shape[0]}-d statistics; FID needs the '
+            raise UserError(f'{stats_path} contains {self.mu.shape[0]}-d statistics; FID needs the '
                             '2048-d pool features of the FID Inception')
         self.reference_features = fid.load_reference_features(stats_path)
         if self.reference_features is None:
-            log.info('%s holds no reference features, so KID is not computed (create the file '
+            log.info('%s contains no reference features, so KID is not computed (create the file '
                      'with python -m ncsn_jax.fid_stats to include them)', stats_path)
 
     def features(self, images):

@@ -37,14 +37,14 @@ def load_score_model(path, ema: bool | None = None) -> ScoreModel:
     """Load a converted score-model file.
 
     `ema=None` takes the weights the file was converted with; True or False insists on the EMA or
-    the raw weights and raises UserError when the file holds the other kind.
+    the raw weights and raises UserError when the file contains the other kind.
     """
     payload = checkpoint.read_params_file(path, kind='score_model')
     metadata = payload['metadata']
     if ema is not None and bool(ema) != bool(metadata.get('ema')):
         have = 'EMA' if metadata.get('ema') else 'raw'
         flag = '' if ema else ' --no-ema'
-        raise UserError(f'{path} holds the {have} weights but ema={ema} was requested; re-convert '
+        raise UserError(f'{path} contains the {have} weights but ema={ema} was requested; re-convert '
                         f'with convert/torch_to_flax.py{flag} or pass ema=None')
     module = create_model(metadata['architecture'], metadata['ngf'], metadata['channels'])
     params = jax_tree(payload['params'])

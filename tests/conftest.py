@@ -35,6 +35,23 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 
+def assert_one_line_error(result, *fragments):
+    """Check that a finished CLI process failed with one stderr line containing `fragments`."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert 'Traceback' not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def run_main_py(*args, cwd):
+    """Run main.py in a subprocess with `args` (converted to str) from `cwd`."""
+    import subprocess
+    return subprocess.run([sys.executable, str(ROOT / 'main.py')] + [str(a) for a in args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
 def relative_l2(actual, expected) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64."""
     actual = np.asarray(actual, np.float64)

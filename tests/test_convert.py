@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHECKPOINTS, DATA, DIGITS_CHECKPOINT, ROOT, relative_l2
+from conftest import (CHECKPOINTS, DATA, DIGITS_CHECKPOINT, ROOT, assert_one_line_error,
+                      relative_l2)
 from ncsn_jax import checkpoint, load_score_model
 from ncsn_jax.convert import (convert_file, expected_param_shapes, flax_path,
                               state_dict_from_params, torch_key)
@@ -19,15 +20,6 @@ CLI = [sys.executable, str(ROOT / 'convert' / 'torch_to_flax.py')]
 
 def run_cli(*args, cwd=ROOT):
     return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert 'Traceback' not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def forward(path, x):

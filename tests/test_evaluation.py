@@ -11,7 +11,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_digits
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, run_main_py
 from ncsn_jax import fid
 
 
@@ -44,11 +44,6 @@ def write_config(path, params_path, inception_path, stats_path, **evaluation):
     return path
 
 
-def run_main(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / 'main.py')] + [str(a) for a in args],
-                          capture_output=True, text=True, cwd=cwd)
-
-
 def test_stats_file_holds_kid_features(digits_stats):
     with np.load(digits_stats) as data:
         assert sorted(data.files) == ['features', 'mu', 'sigma']
@@ -59,7 +54,7 @@ def test_stats_file_holds_kid_features(digits_stats):
 def evaluated_run(tmp_path_factory, digits_model_path, inception_weights, digits_stats):
     tmp = tmp_path_factory.mktemp('evaluated_run')
     config = write_config(tmp / 'c.yml', digits_model_path, inception_weights[1], digits_stats)
-    result = run_main('--config', config, '--exp', tmp / 'exp', '-T', 2, cwd=tmp)
+    result = run_main_py('--config', config, '--exp', tmp / 'exp', '-T', 2, cwd=tmp)
     assert result.returncode == 0, result.stderr
     folder, = (tmp / 'exp').iterdir()
     return folder, result
@@ -105,12 +100,8 @@ def test_missing_evaluation_file_reported_before_sampling(tmp_path, digits_model
     inception_path = tmp_path / 'none.msgpack' if missing == 'inception' else inception_weights[1]
     stats_path = tmp_path / 'none.npz' if missing == 'stats' else digits_stats
     config = write_config(tmp_path / 'c.yml', digits_model_path, inception_path, stats_path)
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert 'none.' in lines[0]
-    assert 'evaluation.evaluate: false' in lines[0]
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
+    assert_one_line_error(result, 'none.', 'evaluation.evaluate: false')
     assert not (tmp_path / 'exp').exists()
 
 
@@ -118,9 +109,6 @@ def test_unreadable_stats_file_reported(tmp_path, digits_model_path, inception_w
     stats = tmp_path / 'broken.npz'
     stats.write_bytes(b'not a zip file')
     config = write_config(tmp_path / 'c.yml', digits_model_path, inception_weights[1], stats)
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert 'broken.npz' in lines[0]
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
+    assert_one_line_error(result, 'broken.npz')
     assert not (tmp_path / 'exp').exists()

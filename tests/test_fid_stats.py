@@ -7,11 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from ncsn_jax import inception
-from ncsn_jax.checkpoint import write_params_file
 from ncsn_jax.errors import UserError
 from ncsn_jax.fid import compute_statistics, load_inception, load_stats
 from ncsn_jax.image_io import iter_image_batches, open_image_source

@@ -1,7 +1,5 @@
 """The Flax FID Inception against pytorch-fid 0.3.0 outputs for seeded stand-in weights."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import chex

@@ -2,15 +2,13 @@
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, run_main_py
 from ncsn_jax.sampling import RECORD_NAMES
 
 
@@ -25,11 +23,6 @@ def write_config(path, params_path, **sampling):
     return path
 
 
-def run_main(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / 'main.py')] + [str(a) for a in args],
-                          capture_output=True, text=True, cwd=cwd)
-
-
 def only_folder(exp_root):
     folders = list(exp_root.iterdir())
     assert len(folders) == 1, folders
@@ -40,7 +33,7 @@ def only_folder(exp_root):
 def demo_run(tmp_path_factory, digits_model_path):
     tmp = tmp_path_factory.mktemp('demo_run')
     config = write_config(tmp / 'small.yml', digits_model_path)
-    result = run_main('--config', config, '--exp', tmp / 'exp', '-T', 2, '--comment',
+    result = run_main_py('--config', config, '--exp', tmp / 'exp', '-T', 2, '--comment',
                       'first try', cwd=tmp)
     assert result.returncode == 0, result.stderr
     return only_folder(tmp / 'exp'), config
@@ -93,7 +86,7 @@ def test_run_writes_record_and_plot(demo_run):
 def test_chunk_size_does_not_change_samples(demo_run, tmp_path, digits_model_path):
     folder, _ = demo_run
     config = write_config(tmp_path / 'one_chunk.yml', digits_model_path, batch_size=6)
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', '-T', 2, cwd=tmp_path)
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', '-T', 2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     other = only_folder(tmp_path / 'exp')
     np.testing.assert_allclose(np.load(other / 'image_samples' / 'samples_final.npz')['samples'],
@@ -109,22 +102,13 @@ def test_runs_never_reuse_a_folder(tmp_path, digits_model_path):
     config = write_config(tmp_path / 'c.yml', digits_model_path, n_samples=2, batch_size=2,
                           last_only=True)
     for suffix in ('', '', 'sweep'):
-        result = run_main('--config', config, '--exp', tmp_path / 'exp', '-L', 2,
+        result = run_main_py('--config', config, '--exp', tmp_path / 'exp', '-L', 2,
                           '--exp_dir_suffix', suffix, '-P', 1, '-I', 0, '-D', 0, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / 'exp').iterdir())
     assert len(names) == 3
     assert sum(bool(re.fullmatch(r'experiment_\d+_1\.0_0\.0_0\.0', n)) for n in names) == 2
     assert sum(n.endswith('_1.0_0.0_0.0_sweep') for n in names) == 1
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert 'Traceback' not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize('flags,fragment', [
@@ -136,27 +120,27 @@ def assert_one_line_error(result, *fragments):
 ])
 def test_rejects_bad_flags(tmp_path, digits_model_path, flags, fragment):
     config = write_config(tmp_path / 'c.yml', digits_model_path)
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', *flags, cwd=tmp_path)
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', *flags, cwd=tmp_path)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / 'exp').exists()
 
 
 def test_rejects_bad_step_lr(tmp_path, digits_model_path):
     config = write_config(tmp_path / 'c.yml', digits_model_path, step_lr=-1e-5)
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
     assert_one_line_error(result, 'step_lr', 'c.yml')
     assert not (tmp_path / 'exp').exists()
 
 
 def test_rejects_unknown_config_name(tmp_path):
-    result = run_main('--config', 'cifar11.yml', '--exp', tmp_path / 'exp', cwd=tmp_path)
+    result = run_main_py('--config', 'cifar11.yml', '--exp', tmp_path / 'exp', cwd=tmp_path)
     assert_one_line_error(result, 'cifar11.yml', 'digits')
     assert not (tmp_path / 'exp').exists()
 
 
 def test_missing_converted_file_prints_convert_command(tmp_path):
     config = write_config(tmp_path / 'c.yml', tmp_path / 'missing.msgpack')
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
     assert_one_line_error(result, 'missing.msgpack', 'python convert/torch_to_flax.py',
                           'model_weights/digits/digits_ngf16.pth', '--config c.yml')
     assert not (tmp_path / 'exp').exists()
@@ -164,7 +148,7 @@ def test_missing_converted_file_prints_convert_command(tmp_path):
 
 def test_model_config_mismatch_rejected(tmp_path, converted_models):
     config = write_config(tmp_path / 'c.yml', converted_models['cifar10_ngf16_random', True])
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
     assert_one_line_error(result, 'channels')
     assert not (tmp_path / 'exp').exists()
 
@@ -172,7 +156,7 @@ def test_model_config_mismatch_rejected(tmp_path, converted_models):
 def test_diverging_run_stops_with_level_and_step(tmp_path, digits_model_path):
     config = write_config(tmp_path / 'c.yml', digits_model_path, step_lr=1e35, n_samples=2,
                           batch_size=2)
-    result = run_main('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
+    result = run_main_py('--config', config, '--exp', tmp_path / 'exp', cwd=tmp_path)
     assert result.returncode != 0
     assert 'Traceback' not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
