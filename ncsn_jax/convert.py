@@ -48,7 +48,7 @@ def load_torch_file(path):
     """Read a PyTorch file with `torch.load(weights_only=True)`, which never runs pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f'checkpoint not found: {path}')
+        raise UserError(f'checkpoint not found: {path}; check the path')
     try:
         import torch
     except ImportError as exc:
@@ -247,14 +247,38 @@ def score_model_from_checkpoint(ckpt: TorchCheckpoint, path, *, ema: bool = True
 # ---------------------------------------------------------------------------------------------
 # Whole files.
 
-def _is_up_to_date(out: Path, source_sha256: str, options: dict) -> bool:
+def _difference_from_existing(out: Path, source_sha256: str, options: dict) -> str | None:
+    """Return how an existing output differs from what this conversion writes, or None.
+
+    `--config` counts only when it supplied the sigma table, since otherwise it just checks.
+    """
     try:
-        payload = checkpoint.read_params_file(out)
+        metadata = checkpoint.read_params_file(out)['metadata']
     except UserError:
+        return 'it is not an ncsn-jax parameter file'
+    if metadata.get('source_sha256') != source_sha256:
+        return f'it was made from other source bytes ({metadata.get("source_name")})'
+    previous = dict(metadata.get('options') or {})
+    if not metadata.get('sigmas_from_config'):
+        previous['config'] = options['config']
+    changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+    if changed:
+        return 'other options: ' + ', '.join(f'{k} was {previous.get(k)!r}' for k in changed)
+    return None
+
+
+def _output_is_up_to_date(out: Path, source_sha256: str, options: dict, force: bool) -> bool:
+    """Return True when `out` already holds this conversion; raise unless `force` allows replacing."""
+    if not out.exists():
         return False
-    metadata = payload['metadata']
-    return (metadata.get('source_sha256') == source_sha256
-            and metadata.get('options') == options)
+    difference = _difference_from_existing(out, source_sha256, options)
+    if difference is None:
+        log.info('%s is up to date (same source SHA-256 and options); nothing to do', out)
+        return True
+    if not force:
+        raise UserError(f'{out} already exists and differs ({difference}); pass --force to '
+                        'replace it')
+    return False
 
 
 def _check_against_config(config, config_name, architecture, ngf, channels, source):
@@ -263,7 +287,7 @@ def _check_against_config(config, config_name, architecture, ngf, channels, sour
     found = {'architecture': architecture, 'ngf': ngf, 'channels': channels}
     for key, value in expected.items():
         if value != found[key]:
-            raise UserError(f'{source} holds a {architecture} with ngf {ngf} and {channels} channels, '
+            raise UserError(f'{source} contains an {architecture} with ngf {ngf} and {channels} channels, '
                             f'but config {config_name} expects {key} {value}; pick the config that '
                             'matches the checkpoint')
 
@@ -278,18 +302,13 @@ def convert_file(source, out, *, ema: bool = True, config: str | None = None,
     """
     source, out = Path(source), Path(out)
     if not source.is_file():
-        raise UserError(f'checkpoint not found: {source}')
+        raise UserError(f'checkpoint not found: {source}; check the path')
     if out.exists() and out.is_dir():
         raise UserError(f'--out {out} is a folder; give a file path such as {out / "model.msgpack"}')
     source_sha256 = file_sha256(source)
     options = {'no_ema': not ema, 'config': config, 'converter_version': CONVERTER_VERSION}
-    if out.exists():
-        if _is_up_to_date(out, source_sha256, options):
-            log.info('%s is up to date (same source SHA-256 and options); nothing to do', out)
-            return 'up-to-date'
-        if not force:
-            raise UserError(f'{out} already exists and was not made from {source} with these '
-                            'options; pass --force to replace it')
+    if _output_is_up_to_date(out, source_sha256, options, force):
+        return 'up-to-date'
 
     cfg = None
     if config is not None:
@@ -406,7 +425,7 @@ def adam_state_from_torch(optimizer_state, param_keys: list, state: dict, path):
                         'its parameter group); only Adam states can be converted')
     indices = list(group.get('params', []))
     if indices != list(range(len(param_keys))):
-        raise UserError(f'{path}: the optimizer holds {len(indices)} parameters, the model '
+        raise UserError(f'{path}: the optimizer has {len(indices)} parameters, the model '
                         f'{len(param_keys)}; the optimizer state does not belong to this model')
     hyperparameters = {k: _json_value(v) for k, v in group.items() if k != 'params'}
     per_param = optimizer_state.get('state') or {}
@@ -478,7 +497,7 @@ def train_state_from_checkpoint(ckpt: TorchCheckpoint, path, *, sigmas=None) -> 
         'num_classes': int(sigmas.shape[0]), 'sigma_begin': float(sigmas[0]),
         'sigma_end': float(sigmas[-1]), 'step': int(ckpt.step or 0), 'epoch': int(ckpt.epoch or 0),
         'optimizer': hyperparameters, 'ema': ckpt.ema_shadow is not None,
-        'torch_parameter_order': param_keys,
+        'torch_parameter_order': param_keys, 'sigmas_from_config': stored_sigmas is None,
     }
     params = params_from_state_dict({k: np.asarray(v, np.float32) for k, v in state.items()})
     return {'kind': 'train_state', 'params': params, 'metadata': metadata, 'extra': extra}
@@ -495,18 +514,13 @@ def convert_train_state_file(source, out, *, config: str | None = None,
 
     source, out = Path(source), Path(out)
     if not source.is_file():
-        raise UserError(f'checkpoint not found: {source}')
+        raise UserError(f'checkpoint not found: {source}; check the path')
     if out.exists() and out.is_dir():
         raise UserError(f'--out {out} is a folder; give a file path such as {out / "state.msgpack"}')
     source_sha256 = file_sha256(source)
     options = {'train_state': True, 'config': config, 'converter_version': CONVERTER_VERSION}
-    if out.exists():
-        if _is_up_to_date(out, source_sha256, options):
-            log.info('%s is up to date (same source SHA-256 and options); nothing to do', out)
-            return 'up-to-date'
-        if not force:
-            raise UserError(f'{out} already exists and was not made from {source} with these '
-                            'options; pass --force to replace it')
+    if _output_is_up_to_date(out, source_sha256, options, force):
+        return 'up-to-date'
 
     cfg = config_sigmas = None
     if config is not None:
@@ -542,16 +556,16 @@ def official_checkpoint_from_payload(payload: dict, path) -> list:
 
     `payload` is a decoded score_model or train_state file. Model keys get the `module.` prefix
     and the `sigmas` buffer comes first, as `torch.nn.DataParallel` saves them. A score_model file
-    holds one set of weights, which becomes both the model state and the EMA shadow; its optimizer
-    state is empty ({'state': {}, 'param_groups': []}), so official training cannot resume from
-    it. A train_state file without an EMA shadow gives a list of four items, as the official code
+    contains one set of weights, which becomes both the model state and the EMA shadow. Its
+    optimizer state is empty ({'state': {}, 'param_groups': []}), so official training cannot
+    resume from it. A train_state file without an EMA shadow gives a list of four items, as the official code
     writes when EMA is off.
     """
     import collections
 
     kind = payload.get('kind')
     if kind not in ('score_model', 'train_state'):
-        raise UserError(f'{path} holds a {kind!r} file; only score_model and train_state files '
+        raise UserError(f'{path} is a {kind!r} file, but only score_model and train_state files '
                         'can be exported to PyTorch')
     metadata, extra = payload['metadata'], payload['extra']
     state = state_dict_from_params(payload['params'])

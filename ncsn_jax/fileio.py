@@ -9,6 +9,12 @@ from pathlib import Path
 import numpy as np
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data: bytes, *, overwrite: bool = False) -> Path:
     """Write `data` to `path` so that readers see either the old file or the complete new one.
 
@@ -25,6 +31,8 @@ def atomic_write_bytes(path, data: bytes, *, overwrite: bool = False) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file with mode 0600; give it the mode a plain open() would.
+        os.chmod(tmp_name, 0o666 & ~_current_umask())
         if overwrite:
             os.replace(tmp_name, path)
         else:

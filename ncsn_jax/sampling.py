@@ -33,7 +33,7 @@ trace_count = 0
 
 
 def geometric_sigmas(sigma_begin: float, sigma_end: float, num_classes: int) -> np.ndarray:
-    """The geometric σ ladder of NCSNv2, from `sigma_begin` down to `sigma_end` (float32)."""
+    """Return the geometric σ ladder of NCSNv2, from `sigma_begin` down to `sigma_end` (float32)."""
     return np.exp(np.linspace(np.log(sigma_begin), np.log(sigma_end), num_classes)).astype(np.float32)
 
 
@@ -63,7 +63,7 @@ def pid_ald_per_sample(score_fn, x_init, sigmas, step_lr, gains, noise_source, s
 
     `score_fn` is a pytree callable (such as `ScoreModel`) so that its parameters are arguments.
     `gains` is (k_p, k_i, k_d, k_i_decay, k_d_decay). `noise_source` is the replayed noise
-    (L, T, N, H, W, C), one PRNG key, or one key per sample, as `noise_mode` says.
+    (L, T, N, H, W, C), one PRNG key, or one key per sample, as `noise_mode` selects.
     `snapshot_slots[k]` is the snapshot index to fill after global step k, or −1.
     Per-sample norms let a caller drop padded samples and average over chunks exactly.
     """
@@ -148,9 +148,9 @@ def pid_ald(model: Callable, x_init, sigmas, *, n_steps_each: int, step_lr: floa
             denoise: bool = True, key=None, noise=None, snapshot_steps=()):
     """Run PID-controlled annealed Langevin dynamics from `x_init` (N, H, W, C).
 
-    Noise comes from `noise` (L·T, N, H, W, C), one slice per global step, for exact replay, or
-    else from `key`: one PRNG key, or one key per sample so that each sample's noise does not
-    depend on the batch it is drawn in. Returns (x, record): record maps each name of
+    Noise comes from `noise` (L·T, N, H, W, C), one slice per global step, for exact replay.
+    Otherwise it comes from `key`: one PRNG key, or one key per sample, so that each sample's
+    noise does not depend on the batch it is drawn in. Returns (x, record): record maps each name of
     `RECORD_NAMES` to one value per global step (means over the batch), plus 'snapshots'
     (len(snapshot_steps), N, H, W, C) with the samples after the given global steps when any are
     requested. Gains, `step_lr` and σ values are runtime arguments: changing them reuses the

@@ -228,3 +228,24 @@ def test_read_params_file_rejects_other_files(tmp_path):
         checkpoint.read_params_file(bogus)
     with pytest.raises(UserError, match='not found'):
         checkpoint.read_params_file(tmp_path / 'missing.msgpack')
+
+
+def test_rerun_without_config_is_up_to_date(tmp_path):
+    out = tmp_path / 'digits.msgpack'
+    assert convert_file(DIGITS_CHECKPOINT, out, config='digits.yml') == 'written'
+    assert convert_file(DIGITS_CHECKPOINT, out) == 'up-to-date'
+
+
+def test_existing_output_error_names_the_difference(tmp_path):
+    out = tmp_path / 'digits.msgpack'
+    convert_file(DIGITS_CHECKPOINT, out)
+    with pytest.raises(UserError, match="no_ema was False"):
+        convert_file(DIGITS_CHECKPOINT, out, ema=False)
+
+
+def test_converted_file_has_default_mode(tmp_path):
+    out = tmp_path / 'digits.msgpack'
+    convert_file(DIGITS_CHECKPOINT, out)
+    plain = tmp_path / 'plain.txt'
+    plain.write_text('x')
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -6,6 +6,7 @@ import pytest
 from conftest import FORWARD_CASES, GOLDEN, relative_l2
 from ncsn_jax import load_score_model
 from ncsn_jax.models import ARCHITECTURES, check_image_size, create_model
+from ncsn_jax.models.layers import max_pool_same
 
 
 @pytest.mark.parametrize('ema', [True, False], ids=['ema', 'raw'])
@@ -52,3 +53,15 @@ def test_unknown_architecture_rejected():
     with pytest.raises(ValueError, match='unknown architecture'):
         create_model('NCSNv3', 8, 3)
     assert set(ARCHITECTURES) == {'NCSNv2', 'NCSNv2Deeper', 'NCSNv2Deepest'}
+
+
+@pytest.mark.parametrize('height,width', [(7, 7), (2, 3), (16, 9)])
+def test_max_pool_same_equals_torch(height, width):
+    torch = pytest.importorskip('torch')
+    # All values negative, so a zero padding would win at the borders and fail the comparison.
+    x = -np.abs(np.random.default_rng(height * width).standard_normal((2, height, width, 3)))
+    x = x.astype(np.float32) - 1.0
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                                              kernel_size=5, stride=1, padding=2)
+    actual = np.asarray(max_pool_same(jnp.asarray(x), 5))
+    np.testing.assert_array_equal(actual, expected.numpy().transpose(0, 2, 3, 1))

@@ -59,7 +59,7 @@ class RefineNet(nn.Module):
 
     @classmethod
     def downsampling_steps(cls) -> int:
-        """How many times the network halves the resolution."""
+        """Return how many times the network halves the resolution."""
         return sum(1 for stage in cls.stages if stage.down and stage.dilation == 1)
 
 
