@@ -388,7 +388,7 @@ def run_sampling(model, config: Config, exp_dir: Path, seed: int, evaluator=None
     mine = group.share(todo)
 
     sampler = ChunkSampler(model, config, plan, seed, evaluator)
-    log.info('%d samples, chunks: %d in all of %d samples each, %d left to draw, %d of them by this '
+    log.info('%d samples in %d chunks of %d, %d chunks left to draw, %d of them by this '
              'process on %d devices (padded chunk %d): %d noise levels x %d steps, gains k_p=%s '
              'k_i=%s k_d=%s', plan.n_samples, plan.n_chunks, plan.batch_size, len(todo),
              len(mine), sampler.n_devices, sampler.padded_batch, config.model.num_classes,

@@ -125,7 +125,9 @@ def max_pool_same(x, size: int):
     `reduce_window` took 20 ms, for (64, 32, 32, 16) and (8, 32, 32, 128) inputs.
     """
     pad = size // 2
-    init = jnp.array(-jnp.inf, x.dtype)
+    # A Python scalar (not a traced array) lets JAX recognise the max monoid, whose
+    # reduce_window_max has a gradient; a traced init value would not be differentiable under jit.
+    init = -np.inf
     x = jax.lax.reduce_window(x, init, jax.lax.max, (1, size, 1, 1), (1, 1, 1, 1),
                               ((0, 0), (pad, pad), (0, 0), (0, 0)))
     return jax.lax.reduce_window(x, init, jax.lax.max, (1, 1, size, 1), (1, 1, 1, 1),
