@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='config file name in configs/ (e.g. cifar10.yml) or a path; required '
                         'unless --resume is given')
     parser.add_argument('--seed', type=int, default=1234, help='random seed of the run')
-    parser.add_argument('--exp', default='exp', help='folder that holds the experiment folders')
+    parser.add_argument('--exp', default='exp', help='parent folder of the experiment folders')
     parser.add_argument('--comment', default='', help='free text stored in the log and args.yml')
     parser.add_argument('--exp_name', default='default',
                         help='appended to the experiment folder name unless --exp_dir_suffix is given')

@@ -7,7 +7,7 @@ runs code when read):
      'extra': {...}}
 
 KIND is 'score_model', 'inception' or 'train_state'. `metadata` contains JSON-compatible values
-(architecture, ngf, channels, the SHA-256 of the source file, conversion options). `extra` holds
+(architecture, ngf, channels, the SHA-256 of the source file, conversion options). `extra` contains
 further array trees, such as the sigma table, the EMA parameters or an optimizer state.
 """
 

@@ -267,8 +267,17 @@ def _difference_from_existing(out: Path, source_sha256: str, options: dict) -> s
     return None
 
 
+def _check_paths_and_hash(source: Path, out: Path) -> str:
+    """Raise UserError for a missing source or a folder as output; return the source's SHA-256."""
+    if not source.is_file():
+        raise UserError(f'checkpoint not found: {source}; check the path')
+    if out.is_dir():
+        raise UserError(f'--out {out} is a folder; give a file path such as {out / "model.msgpack"}')
+    return file_sha256(source)
+
+
 def _output_is_up_to_date(out: Path, source_sha256: str, options: dict, force: bool) -> bool:
-    """Return True when `out` already holds this conversion; raise unless `force` allows replacing."""
+    """Return True when `out` already contains this conversion; raise unless `force` allows replacing."""
     if not out.exists():
         return False
     difference = _difference_from_existing(out, source_sha256, options)
@@ -301,12 +310,8 @@ def convert_file(source, out, *, ema: bool = True, config: str | None = None,
     untouched.
     """
     source, out = Path(source), Path(out)
-    if not source.is_file():
-        raise UserError(f'checkpoint not found: {source}; check the path')
-    if out.exists() and out.is_dir():
-        raise UserError(f'--out {out} is a folder; give a file path such as {out / "model.msgpack"}')
-    source_sha256 = file_sha256(source)
     options = {'no_ema': not ema, 'config': config, 'converter_version': CONVERTER_VERSION}
+    source_sha256 = _check_paths_and_hash(source, out)
     if _output_is_up_to_date(out, source_sha256, options, force):
         return 'up-to-date'
 
@@ -513,12 +518,8 @@ def convert_train_state_file(source, out, *, config: str | None = None,
     from ncsn_jax import train_state
 
     source, out = Path(source), Path(out)
-    if not source.is_file():
-        raise UserError(f'checkpoint not found: {source}; check the path')
-    if out.exists() and out.is_dir():
-        raise UserError(f'--out {out} is a folder; give a file path such as {out / "state.msgpack"}')
-    source_sha256 = file_sha256(source)
     options = {'train_state': True, 'config': config, 'converter_version': CONVERTER_VERSION}
+    source_sha256 = _check_paths_and_hash(source, out)
     if _output_is_up_to_date(out, source_sha256, options, force):
         return 'up-to-date'
 

@@ -119,7 +119,7 @@ def initial_samples(init_keys, shape):
 
 @dataclasses.dataclass
 class RunPlan:
-    """What a run draws and keeps, derived from the config."""
+    """The samples, snapshots, grids and evaluations of a run, derived from the config."""
 
     n_samples: int
     batch_size: int

@@ -241,8 +241,8 @@ def kernel_inception_distance(features_a, features_b, num_subsets: int = 100,
 def save_stats(path, mu, sigma, overwrite: bool = False, features=None) -> Path:
     """Write `mu` and `sigma` atomically to an uncompressed `.npz`, the format pytorch-fid reads.
 
-    `features`, if given, is stored as a float32 array `features` (a subset of the reference
-    features) so that KID can be computed against the file later; pytorch-fid ignores it.
+    `features`, if given, is stored as a float32 array `features`: a subset of the reference
+    features, so that KID can be computed against the file later. pytorch-fid ignores it.
     Raises UserError when `path` exists and `overwrite` is false.
     """
     mu = np.asarray(mu, dtype=np.float64)

@@ -59,7 +59,7 @@ def _step_noise(noise_source, mode, step, shape, dtype):
                                              'n_snapshots'))
 def pid_ald_per_sample(score_fn, x_init, sigmas, step_lr, gains, noise_source, snapshot_slots, *,
                        n_steps_each: int, denoise: bool, noise_mode: str, n_snapshots: int):
-    """The compiled sampler. Returns (x, snapshots, per-sample norms of shape (L·T, N) by name).
+    """Run the compiled sampler. Returns (x, snapshots, per-sample norms of shape (L·T, N) by name).
 
     `score_fn` is a pytree callable (such as `ScoreModel`) so that its parameters are arguments.
     `gains` is (k_p, k_i, k_d, k_i_decay, k_d_decay). `noise_source` is the replayed noise

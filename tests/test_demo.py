@@ -33,7 +33,7 @@ def classifier():
                                  (len(digits.images), 32, 32, 1), 'bilinear')
     # NOTE: SVC's built-in Platt scaling is deprecated from scikit-learn 1.9 (removed in 1.11). A
     # CalibratedClassifierCV replacement was tried and is confident on noise, so it cannot tell the
-    # two samplers apart; the test extra therefore pins scikit-learn below 1.11.
+    # two samplers apart. The test extra therefore pins scikit-learn below 1.11.
     model = SVC(probability=True, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)

@@ -110,7 +110,8 @@ def test_folder_reader_mixed_sizes(tmp_path):
 
     resized = next(source.batches(2, size=16))
     assert resized.shape == (2, 16, 16, 3)
-    assert 0.0 <= resized.min() and resized.max() <= 1.0
+    assert resized.min() >= 0.0
+    assert resized.max() <= 1.0
 
 
 def test_npz_reader_checks_dtype(tmp_path):

@@ -125,8 +125,8 @@ def max_pool_same(x, size: int):
     `reduce_window` took 20 ms, for (64, 32, 32, 16) and (8, 32, 32, 128) inputs.
     """
     pad = size // 2
-    # A Python scalar (not a traced array) lets JAX recognise the max monoid, whose
-    # reduce_window_max has a gradient; a traced init value would not be differentiable under jit.
+    # A Python scalar (not a traced array) lets JAX recognise the max monoid. Its
+    # reduce_window_max has a gradient, which a traced init value would lack under jit.
     init = -np.inf
     x = jax.lax.reduce_window(x, init, jax.lax.max, (1, size, 1, 1), (1, 1, 1, 1),
                               ((0, 0), (pad, pad), (0, 0), (0, 0)))
