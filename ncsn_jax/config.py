@@ -78,12 +78,15 @@ class DataConfig:
     """Section `data`. Only dataset, image_size and channels affect sampling.
 
     The other keys are official NCSNv2 training options, kept for training and for round trips.
+    `path` (an ncsn-jax key) names the training images: a folder of PNG/JPEG files or an `.npz`
+    file, relative to the working directory. The trainer's `--data` flag overrides it.
     """
 
     dataset: str = _option(str)
     image_size: int = _option(int, check=_POSITIVE)
     channels: int = _option(int, check=_Check(lambda v: v in (1, 3), '1 or 3'))
     category: str | None = _option(str, None, optional=True)
+    path: str | None = _option(str, None, optional=True)
     logit_transform: bool = _option(bool, False, check=_Check(
         lambda v: v is False, 'false (ncsn-jax models take images in [0, 1], rescaled to 2x - 1)'))
     uniform_dequantization: bool = _option(bool, False)

@@ -72,8 +72,9 @@ def load_dataset(data_config, path=None) -> Dataset:
         source = 'scikit-learn digits'
     elif path is None:
         raise UserError(f'data.dataset {name!r} is not built in (built in: '
-                        f'{", ".join(BUILTIN_DATASETS)}); pass --data PATH with a folder of '
-                        'PNG/JPEG images or an .npz file with an images array')
+                        f'{", ".join(BUILTIN_DATASETS)}); set data.path in the config or pass --data '
+                        'PATH, with a folder of PNG/JPEG images or an .npz file with an images '
+                        'array')
     else:
         images = _load_path(Path(path), size, channels)
         source = str(path)
@@ -116,12 +117,12 @@ def _load_folder(source, size: int, channels: int) -> np.ndarray:
     A folder counts as grayscale when every image has equal R, G and B values (image_io decodes
     every file to RGB). With `channels` 1 the first channel of grayscale images is kept.
     """
+    from ncsn_jax.image_io import read_image
+
     images = []
     colour_file = None
     for file in tqdm(source.files, desc='loading images', unit='image', leave=False):
-        # NOTE: image_io has no public single-file reader; FolderImages._load decodes one file to
-        # float RGB in [0, 1] with the same Pillow rules as its batches.
-        image = source._load(file)
+        image = read_image(file)
         as_uint8 = np.round(image * 255.0)
         if np.abs(as_uint8 - image * 255.0).max() < 1e-3:
             image = as_uint8.astype(np.uint8)

@@ -44,6 +44,27 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.einsum('pw,owc->opc', cols, image).astype(np.float32)
 
 
+def read_image(file) -> np.ndarray:
+    """Decode one PNG/JPEG file to float32 RGB (H, W, 3) in [0, 1] (rules in the module docstring).
+
+    Raises UserError when Pillow cannot decode the file or its pixels have no [0, 1] range.
+    """
+    try:
+        with Image.open(file) as image:
+            image.load()
+            if image.mode in _SIXTEEN_BIT_GRAY_MODES:
+                gray = np.asarray(image, dtype=np.float32) / 65535.0
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            if image.mode in ('I', 'F'):
+                raise UserError(f'cannot read image {file}: Pillow mode {image.mode!r} '
+                                '(32-bit integer or float pixels) has no defined [0, 1] range; '
+                                'save it as 8-bit or 16-bit PNG')
+            rgb = np.asarray(image.convert('RGB'), dtype=np.float32)
+    except _PIL_ERRORS as exc:
+        raise UserError(f'cannot read image {file}: {exc}') from None
+    return rgb / 255.0
+
+
 class ImageSource(abc.ABC):
     """A set of images that can be read in batches, made by `open_image_source`."""
 
@@ -96,23 +117,6 @@ class FolderImages(ImageSource):
         except _PIL_ERRORS as exc:
             raise UserError(f'cannot read image {file}: {exc}') from None
 
-    @staticmethod
-    def _load(file: Path) -> np.ndarray:
-        try:
-            with Image.open(file) as image:
-                image.load()
-                if image.mode in _SIXTEEN_BIT_GRAY_MODES:
-                    gray = np.asarray(image, dtype=np.float32) / 65535.0
-                    return np.repeat(gray[:, :, None], 3, axis=2)
-                if image.mode in ('I', 'F'):
-                    raise UserError(f'cannot read image {file}: Pillow mode {image.mode!r} '
-                                    '(32-bit integer or float pixels) has no defined [0, 1] range; '
-                                    'save it as 8-bit or 16-bit PNG')
-                rgb = np.asarray(image.convert('RGB'), dtype=np.float32)
-        except _PIL_ERRORS as exc:
-            raise UserError(f'cannot read image {file}: {exc}') from None
-        return rgb / 255.0
-
     def _first_mismatch(self) -> str:
         first = self.sizes[0]
         index = next(i for i, size in enumerate(self.sizes) if size != first)
@@ -125,7 +129,7 @@ class FolderImages(ImageSource):
             raise UserError(f'the images in {self.path} have different sizes '
                             f'({self._first_mismatch()}); resize them to one size first')
         for start in range(0, self.count, batch_size):
-            images = [self._load(file) for file in self.files[start:start + batch_size]]
+            images = [read_image(file) for file in self.files[start:start + batch_size]]
             if size is not None:
                 images = [resize_image(image, size) for image in images]
             yield np.stack(images).astype(np.float32, copy=False)
