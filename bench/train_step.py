@@ -10,7 +10,8 @@ one: the denoising score-matching loss, its gradients, Adam (lr 5e-4) and the EM
 Three steps are timed, taking turns within each repetition so that all see the same load.
 They are PyTorch (eager, float32), ncsn-jax's step compiled as the trainer compiles it, and the
 same step compiled with XLA's default options. On the CPU the last differs from the trainer's in
-one option: platform-dependent math is on. Reported times are medians. The last lines print the time ratios, JAX/PyTorch below 1 meaning that JAX is faster.
+one option: platform-dependent math is on. Reported times are medians. The last lines print the
+time ratios; a JAX/PyTorch ratio below 1 means that JAX is faster.
 """
 
 import argparse

@@ -23,6 +23,17 @@ FORMAT_NAME = 'ncsn-jax'
 FORMAT_VERSION = 1
 KINDS = ('score_model', 'inception', 'train_state')
 
+# torch.save writes a zip archive (PyTorch 1.6 and later) or, in the legacy format, a pickle.
+_TORCH_FILE_SIGNATURES = (b'PK\x03\x04', b'\x80\x02', b'\x80\x04', b'\x80\x05')
+
+# Hints for a file of one kind given where another kind is expected.
+_KIND_HINTS = {
+    ('train_state', 'score_model'): "; a training run's weights for sampling are in its "
+                                    'score_model.msgpack',
+    ('score_model', 'train_state'): '; a training state is a checkpoints/checkpoint.msgpack of a '
+                                    'run or a file from convert/torch_to_flax.py --train-state',
+}
+
 
 def _to_numpy(tree):
     if isinstance(tree, dict):
@@ -55,12 +66,18 @@ def read_params_file(path, *, kind: str | None = None) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f'converted parameter file not found: {path}')
+        raise UserError(f'converted parameter file not found: {path}; check the path, or create '
+                        'the file with convert/torch_to_flax.py')
+    data = path.read_bytes()
+    if data.startswith(_TORCH_FILE_SIGNATURES):
+        raise UserError(f'{path} is a PyTorch file, not an ncsn-jax parameter file; convert it '
+                        'first with convert/torch_to_flax.py')
     try:
-        payload = serialization.msgpack_restore(path.read_bytes())
-    except Exception as exc:  # msgpack raises several unrelated types for corrupt input
-        raise UserError(f'cannot read {path}: not an ncsn-jax parameter file ({type(exc).__name__}); '
-                        're-create it with convert/torch_to_flax.py') from exc
+        payload = serialization.msgpack_restore(data)
+    except Exception:  # msgpack raises several unrelated types for corrupt input
+        raise UserError(f'cannot read {path}: not an ncsn-jax parameter file, or one that is '
+                        'truncated or damaged; write it again with the tool that made it '
+                        '(convert/torch_to_flax.py or the trainer)') from None
     if not isinstance(payload, dict) or payload.get('format') != FORMAT_NAME:
         raise UserError(f'{path} is not an ncsn-jax parameter file; '
                         're-create it with convert/torch_to_flax.py')
@@ -68,6 +85,8 @@ def read_params_file(path, *, kind: str | None = None) -> dict:
         raise UserError(f'{path} has format version {payload.get("version")}, this ncsn-jax reads '
                         f'version {FORMAT_VERSION}; re-create it with convert/torch_to_flax.py')
     if kind is not None and payload.get('kind') != kind:
-        raise UserError(f'{path} is a {payload.get("kind")!r} file, expected {kind!r}')
+        found = payload.get('kind')
+        hint = _KIND_HINTS.get((found, kind), '')
+        raise UserError(f'{path} is a {found!r} file, expected {kind!r}{hint}')
     payload.setdefault('extra', {})
     return payload

@@ -44,16 +44,22 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def import_torch(purpose: str):
+    """Import torch, or raise UserError saying that `purpose` needs it and how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f'{purpose} needs torch; install it with pip install \'ncsn-jax[convert]\' '
+                        '(or pip install torch==2.13.0)') from None
+    return torch
+
+
 def load_torch_file(path):
     """Read a PyTorch file with `torch.load(weights_only=True)`, which never runs pickled code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f'checkpoint not found: {path}; check the path')
-    try:
-        import torch
-    except ImportError as exc:
-        raise UserError('reading PyTorch checkpoints needs torch; install it with '
-                        "pip install 'ncsn-jax[convert]' (or pip install torch==2.13.0)") from exc
+    torch = import_torch('reading PyTorch checkpoints')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for bad files
@@ -63,8 +69,8 @@ def load_torch_file(path):
             raise UserError(f'refusing to load {path}: it contains pickled Python objects that could '
                             'run code; only files of tensors and plain containers are accepted. '
                             'Re-save the state dict from a trusted environment') from None
-        raise UserError(f'cannot read {path}: not a valid PyTorch checkpoint, it may be truncated '
-                        f'or corrupt ({type(exc).__name__}); download or save it again') from None
+        raise UserError(f'cannot read {path}: not a PyTorch checkpoint, or one that is truncated '
+                        'or damaged; download or save it again') from None
 
 
 def _to_numpy(value):
@@ -627,10 +633,9 @@ def export_file(source, out, *, force: bool = False) -> Path:
     """
     import io
 
-    import torch
-
     from ncsn_jax.fileio import atomic_write_bytes
 
+    torch = import_torch('writing PyTorch checkpoints')
     source, out = Path(source), Path(out)
     if out.exists() and out.is_dir():
         raise UserError(f'--out {out} is a folder; give a file path such as {out / "model.pth"}')

@@ -61,7 +61,7 @@ def read_image(file) -> np.ndarray:
                                 'save it as 8-bit or 16-bit PNG')
             rgb = np.asarray(image.convert('RGB'), dtype=np.float32)
     except _PIL_ERRORS as exc:
-        raise UserError(f'cannot read image {file}: {exc}') from None
+        raise UserError(f'cannot read image {file}: {exc}; remove or replace the file') from None
     return rgb / 255.0
 
 
@@ -115,7 +115,7 @@ class FolderImages(ImageSource):
             with Image.open(file) as image:
                 return image.size
         except _PIL_ERRORS as exc:
-            raise UserError(f'cannot read image {file}: {exc}') from None
+            raise UserError(f'cannot read image {file}: {exc}; remove or replace the file') from None
 
     def _first_mismatch(self) -> str:
         first = self.sizes[0]
@@ -221,7 +221,7 @@ def open_image_source(path) -> ImageSource:
     elif path.exists():
         raise UserError(f'{path} is neither a folder of images nor an .npz file')
     else:
-        raise UserError(f'input not found: {path}')
+        raise UserError(f'image folder or .npz file not found: {path}; check the path')
     log.debug('opened %s: %d images of shape %s', path, source.count, source.image_shape)
     return source
 

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import logging.handlers
 import shlex
 import sys
 import time
@@ -34,6 +35,7 @@ import optax
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ncsn_jax import checkpoint, train_state
 from ncsn_jax.cli import run_main, setup_logging
@@ -232,12 +234,24 @@ def _effective_config(config, n_iters):
                                                                     n_iters=n_iters))
 
 
-def _data_path(args, config, saved_args):
+def _data_path(args, config, saved_args) -> str | None:
+    """Return the absolute path of the training data, or None for a built-in dataset.
+
+    The order is --data, then (on --resume) the path the run recorded in args.yml, then
+    data.path of the config. Relative paths start at the working folder.
+    """
     if args.data is not None:
-        return args.data
-    if config.data.path:
-        return config.data.path
-    return saved_args.get('data')
+        path, origin = args.data, '--data'
+    elif saved_args.get('data'):
+        path, origin = saved_args['data'], f'args.yml of {args.resume}'
+    elif config.data.path:
+        path, origin = config.data.path, f'data.path of {config.source}'
+    else:
+        return None
+    if not Path(path).exists():
+        raise UserError(f'training data not found: {path} (from {origin}); check the path, which '
+                        'is relative to the working folder unless absolute')
+    return str(Path(path).resolve())
 
 
 def prepare(args) -> tuple[RunSetup, Path | None]:
@@ -297,7 +311,7 @@ def _resumed_state(args, resume_dir, payload, config, optimizer, dataset):
     base_key = jax.random.wrap_key_data(np.asarray(payload['extra']['rng_key'], np.uint32))
     fingerprint = metadata.get('data', {}).get('fingerprint')
     if fingerprint and fingerprint != dataset.fingerprint():
-        log.warning('the training data differ from those the run started with (%s), so the '
+        log.warning('the training data (%s) differ from those the run started with, so the '
                     'resumed run will not repeat a straight run', dataset.source)
     state = state_from_payload(payload, optimizer, ema=config.model.ema, source=resume_dir)
     return seed, base_key, state
@@ -488,7 +502,8 @@ class Run:
         if start >= total:
             log.info('the state is at step %d and the run ends at step %d; nothing to train',
                      start, total)
-            self.save_checkpoint(state)
+            if not (self.checkpoint_dir / 'checkpoint.msgpack').is_file():
+                self.save_checkpoint(state)
             return state
         log.info('training steps %d to %d on %d device(s), batch %d, %d steps per epoch',
                  start + 1, total, len(self.mesh.devices.flat), config.training.batch_size,
@@ -497,7 +512,7 @@ class Run:
         new_log = not self.log_path.exists()
         started = time.perf_counter()
         recent = []
-        with open(self.log_path, 'a', encoding='utf-8') as log_file, \
+        with open(self.log_path, 'a', encoding='utf-8') as log_file, logging_redirect_tqdm(), \
                 tqdm(total=total, initial=start, desc='training', unit='step') as progress:
             if new_log:
                 log_file.write('step,loss\n')
@@ -528,8 +543,8 @@ class Run:
             raise UserError(f'training diverged: the loss of step {step} is {value}; lower '
                             f'optim.lr or resume from the last checkpoint in {self.checkpoint_dir}')
         log_file.write(f'{step},{value!r}\n')
-        progress.set_postfix(loss=f'{value:.4g}')
         progress.update(1)
+        progress.set_postfix(loss=f'{value:.4g}')
         recent.append(value)
         if step % LOG_EVERY == 0:
             log.info('step %d: mean loss of the last %d steps %.5g', step, len(recent),
@@ -542,8 +557,10 @@ class Run:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train an NCSNv2 score model with denoising score '
-                                     'matching (the official NCSNv2 training loss and Adam).')
+    parser = argparse.ArgumentParser(
+        prog='python -m ncsn_jax.train',
+        description='Train an NCSNv2 score model with denoising score matching (the official '
+                    'NCSNv2 training loss and Adam).')
     parser.add_argument('--config', help='config file name in configs/ (e.g. digits.yml) or a path')
     parser.add_argument('--exp', default='exp', help='folder in which the run folder is created '
                         '(default: exp)')
@@ -566,10 +583,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ncsn_jax.experiment import add_log_file
 
-    setup, run_dir = prepare(args)
+    # The run folder does not exist while the run is prepared: keep those records for its log.
+    early = logging.handlers.BufferingHandler(capacity=10_000)
+    logging.getLogger().addHandler(early)
+    try:
+        setup, run_dir = prepare(args)
+    finally:
+        logging.getLogger().removeHandler(early)
     if run_dir is None:
         run_dir = create_run_dir(args.exp, setup.config.source)
     handler = add_log_file(run_dir / 'stdout.txt')
+    for record in early.buffer:
+        handler.handle(record)
     try:
         _run(args, setup, run_dir, argv)
     finally:

@@ -164,7 +164,7 @@ def test_cli_truncated_checkpoint(tmp_path):
     source = tmp_path / 'truncated.pth'
     source.write_bytes(DIGITS_CHECKPOINT.read_bytes()[:100_000])
     out = tmp_path / 'x.msgpack'
-    assert_one_line_error(run_cli(source, '--out', out), 'truncated.pth', 'corrupt')
+    assert_one_line_error(run_cli(source, '--out', out), 'truncated.pth', 'damaged')
     assert list(tmp_path.iterdir()) == [source]
 
 

@@ -263,6 +263,34 @@ def test_export_rejects_file_that_is_not_ncsn_jax(tmp_path):
     assert not out.exists()
 
 
+def test_export_rejects_pytorch_and_truncated_files(tmp_path, tiny_run):
+    out = tmp_path / 'out.pth'
+    assert_one_line_error(run_cli(TO_TORCH, CIFAR_RANDOM, '--out', out), 'is a PyTorch file',
+                          'torch_to_flax.py')
+    truncated = tmp_path / 'truncated.msgpack'
+    truncated.write_bytes((tiny_run / 'score_model.msgpack').read_bytes()[:5000])
+    assert_one_line_error(run_cli(TO_TORCH, truncated, '--out', out), 'truncated or damaged')
+    assert not out.exists()
+
+
+def test_export_without_torch_is_one_line_error(tmp_path, tiny_run):
+    out = tmp_path / 'out.pth'
+    # None in sys.modules makes `import torch` raise ImportError, as if torch were not installed.
+    code = ('import runpy, sys; sys.modules["torch"] = None; '
+            f'sys.argv = ["flax_to_torch.py", {str(tiny_run / "score_model.msgpack")!r}, '
+            f'"--out", {str(out)!r}]; '
+            f'runpy.run_path({str(ROOT / "convert" / "flax_to_torch.py")!r}, run_name="__main__")')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert_one_line_error(result, 'writing PyTorch checkpoints needs torch', 'torch==2.13.0')
+    assert not out.exists()
+
+
+def test_sampling_a_train_state_points_to_score_model(tiny_run):
+    with pytest.raises(UserError, match="'train_state' file, expected 'score_model'; .*"
+                                        'score_model.msgpack'):
+        load_score_model(tiny_run / 'checkpoints' / 'checkpoint.msgpack')
+
+
 def test_export_rejects_missing_file(tmp_path):
     out = tmp_path / 'out.pth'
     with pytest.raises(UserError, match='not found'):

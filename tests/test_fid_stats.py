@@ -122,7 +122,7 @@ def test_npz_reader_checks_dtype(tmp_path):
         open_image_source(tmp_path / 'int16.npz')
     with pytest.raises(UserError, match='NaN or infinite'):
         open_image_source(tmp_path / 'nan.npz')
-    with pytest.raises(UserError, match='input not found'):
+    with pytest.raises(UserError, match='image folder or .npz file not found'):
         open_image_source(tmp_path / 'absent.npz')
 
 

@@ -375,7 +375,8 @@ def test_init_from_official_checkpoint_continues(tmp_path, cifar_data):
     assert tree_relative_l2(from_pth['params'], start['params']) > 0
 
 
-def test_config_data_path_same_as_data_flag(tmp_path):
+def test_config_data_path_same_as_data_flag(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     images = np.random.default_rng(1).integers(0, 256, (10, 16, 16, 1), dtype=np.uint8)
     np.savez(tmp_path / 'gray.npz', images=images)
     flag_config = write_config(tmp_path / 'flag.yml', data={'dataset': 'gray'},
@@ -389,6 +390,36 @@ def test_config_data_path_same_as_data_flag(tmp_path):
     from_key = read_state(only_run_dir(tmp_path / 'key') / 'checkpoints' / 'checkpoint.msgpack')
     assert from_key['metadata']['data'] == from_flag['metadata']['data']
     assert_trees_equal(from_key['params'], from_flag['params'])
+    # Records logged before the run folder existed reach its log too.
+    log_text = (only_run_dir(tmp_path / 'key') / 'stdout.txt').read_text()
+    assert 'training data: 10 images of 16x16x1 from' in log_text
+    assert 'trained 2 steps' in log_text
+
+
+def test_resume_keeps_the_data_the_run_trained_on(tmp_path, monkeypatch, caplog):
+    rng = np.random.default_rng(2)
+    (tmp_path / 'data').mkdir()
+    for name in ('config_data', 'flag_data'):
+        np.savez(tmp_path / 'data' / f'{name}.npz',
+                 images=rng.integers(0, 256, (10, 16, 16, 1), dtype=np.uint8))
+    config = write_config(tmp_path / 'gray.yml', training={'n_iters': 2},
+                          data={'dataset': 'gray', 'path': str(tmp_path / 'data' / 'config_data.npz')})
+    # A relative --data path, given in one folder, and a resume started from another.
+    monkeypatch.chdir(tmp_path)
+    train_in_process('--config', config, '--data', 'data/flag_data.npz', '--exp', tmp_path / 'exp')
+    run_dir = only_run_dir(tmp_path / 'exp')
+    assert yaml.safe_load((run_dir / 'args.yml').read_text())['data'] == str(
+        tmp_path / 'data' / 'flag_data.npz')
+    other = tmp_path / 'other'
+    other.mkdir()
+    monkeypatch.chdir(other)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='ncsn_jax'):
+        train_in_process('--resume', run_dir, '--n_iters', 4)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    state = read_state(run_dir / 'checkpoints' / 'checkpoint.msgpack')
+    assert state['metadata']['step'] == 4
+    assert state['metadata']['data']['source'] == str(tmp_path / 'data' / 'flag_data.npz')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +487,14 @@ def test_dataset_without_path_rejected(tmp_path, caplog):
     config = write_config(tmp_path / 'gray.yml', data={'dataset': 'gray'})
     assert_rejected(tmp_path, ['--config', config], caplog, "data.dataset 'gray'",
                     'set data.path', '--data')
+
+
+def test_missing_data_path_names_its_origin(tmp_path, caplog):
+    config = write_config(tmp_path / 'gray.yml', data={'dataset': 'gray', 'path': 'absent.npz'})
+    assert_rejected(tmp_path, ['--config', config], caplog, 'training data not found: absent.npz',
+                    'data.path of', 'gray.yml')
+    assert_rejected(tmp_path, ['--config', config, '--data', tmp_path / 'gone'], caplog,
+                    'training data not found', 'from --data')
 
 
 def test_unsupported_optimizer_rejected(tmp_path, caplog):
