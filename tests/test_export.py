@@ -273,7 +273,7 @@ def test_export_rejects_pytorch_and_truncated_files(tmp_path, tiny_run):
     assert not out.exists()
 
 
-def test_export_without_torch_is_one_line_error(tmp_path, tiny_run):
+def test_export_without_torch_one_line(tmp_path, tiny_run):
     out = tmp_path / 'out.pth'
     # None in sys.modules makes `import torch` raise ImportError, as if torch were not installed.
     code = ('import runpy, sys; sys.modules["torch"] = None; '
@@ -285,7 +285,7 @@ def test_export_without_torch_is_one_line_error(tmp_path, tiny_run):
     assert not out.exists()
 
 
-def test_sampling_a_train_state_points_to_score_model(tiny_run):
+def test_train_state_sampling_hint(tiny_run):
     with pytest.raises(UserError, match="'train_state' file, expected 'score_model'; .*"
                                         'score_model.msgpack'):
         load_score_model(tiny_run / 'checkpoints' / 'checkpoint.msgpack')

@@ -148,6 +148,30 @@ def test_step_adam_moments_match_official(official_step, name):
     assert error <= 1e-5, error
 
 
+def test_compiled_gradients_match_float64():
+    golden = np.load(GOLDEN / 'train_step_cifar10_ngf16.npz')
+    before = payload_of(CIFAR_RANDOM)
+    metadata = before['metadata']
+    module = create_model(metadata['architecture'], metadata['ngf'], metadata['channels'])
+    loss_and_grad = jax.value_and_grad(
+        lambda params, x, labels, z, sigmas: train.dsm_loss(module, params, x, labels, z, sigmas,
+                                                            float(golden['anneal_power'])))
+    inputs = (before['params'], golden['x'].transpose(0, 2, 3, 1), golden['labels'],
+              golden['z'].transpose(0, 2, 3, 1), before['extra']['sigmas'])
+
+    def gradients(dtype, **jit_options):
+        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+        arguments = [cast(inputs[0]), cast(inputs[1]), jnp.asarray(inputs[2]), cast(inputs[3]),
+                     cast(inputs[4])]
+        with jax.default_matmul_precision('highest'):
+            return jax.tree.map(np.asarray, jax.jit(loss_and_grad, **jit_options)(*arguments)[1])
+
+    with jax.enable_x64(True):
+        exact = gradients(jnp.float64)
+    options = train.step_compiler_options(jax.default_backend())
+    assert tree_relative_l2(gradients(jnp.float32, compiler_options=options), exact) <= 1e-5
+
+
 def test_step_adam_count_matches_official(official_step):
     assert int(official_step['adam']['count']) == 4
     assert int(official_step['after']['extra']['adam']['count']) == 4
@@ -375,7 +399,7 @@ def test_init_from_official_checkpoint_continues(tmp_path, cifar_data):
     assert tree_relative_l2(from_pth['params'], start['params']) > 0
 
 
-def test_config_data_path_same_as_data_flag(tmp_path, caplog):
+def test_data_path_key_matches_flag(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     images = np.random.default_rng(1).integers(0, 256, (10, 16, 16, 1), dtype=np.uint8)
     np.savez(tmp_path / 'gray.npz', images=images)
@@ -396,7 +420,7 @@ def test_config_data_path_same_as_data_flag(tmp_path, caplog):
     assert 'trained 2 steps' in log_text
 
 
-def test_resume_keeps_the_data_the_run_trained_on(tmp_path, monkeypatch, caplog):
+def test_resume_keeps_recorded_data(tmp_path, monkeypatch, caplog):
     rng = np.random.default_rng(2)
     (tmp_path / 'data').mkdir()
     for name in ('config_data', 'flag_data'):
