@@ -65,3 +65,19 @@ def test_max_pool_same_equals_torch(height, width):
                                               kernel_size=5, stride=1, padding=2)
     actual = np.asarray(max_pool_same(jnp.asarray(x), 5))
     np.testing.assert_array_equal(actual, expected.numpy().transpose(0, 2, 3, 1))
+
+
+def test_max_pool_same_gradient_equals_torch():
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 9, 7, 3)).astype(np.float32)
+    # A block of equal values: PyTorch sends each window's gradient to its first maximum.
+    x[0, 2:5, 1:4, 0] = 5.0
+    weights = rng.standard_normal(x.shape).astype(np.float32)
+    ours = jax.grad(lambda v: jnp.sum(max_pool_same(v, 5) * weights))(jnp.asarray(x))
+
+    source = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    pooled = torch.nn.functional.max_pool2d(source, kernel_size=5, stride=1, padding=2)
+    torch.sum(pooled * torch.from_numpy(weights.transpose(0, 3, 1, 2))).backward()
+    expected = source.grad.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=1e-5)
