@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference  # noqa: E402
+from sampler import load_text  # noqa: E402  (bench/sampler.py, next to this script)
 from ncsn_jax import convert, train, train_state  # noqa: E402
 from ncsn_jax.models import create_model  # noqa: E402
 
@@ -54,11 +55,6 @@ def parse_args(argv=None):
     if args.batch < 1 or args.repeats < 1:
         parser.error('--batch and --repeats must be >= 1')
     return args
-
-
-def load_text() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f'load average {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)'
 
 
 def torch_step_fn(batch):
