@@ -105,7 +105,7 @@ def train_step(state, x, step_key, sigmas, *, module, optimizer, anneal_power, e
 
 
 def step_compiler_options(platform: str) -> dict:
-    """XLA options for compiling a training step on `platform` ('cpu', 'gpu', 'tpu').
+    """Return the XLA options for compiling a training step on `platform` ('cpu', 'gpu', 'tpu').
 
     On the CPU, XLA's platform-dependent math is turned off. With it on (the default of
     jax 0.10.2), the gradients of a CIFAR-10 NCSNv2 batch differ from a float64 computation by
@@ -571,8 +571,8 @@ def parse_args(argv=None):
                         help='start a new run from an official PyTorch checkpoint (.pth) or an '
                         'ncsn-jax train_state or score_model file (.msgpack)')
     parser.add_argument('--data', metavar='PATH', help='training images: a folder of PNG/JPEG '
-                        'files or an .npz with an images array (NHWC); overrides data.path; not needed for '
-                        'digits')
+                        'files or an .npz with an images array (NHWC). Overrides data.path. Not '
+                        'needed for digits')
     parser.add_argument('--n_iters', type=int, help='total number of optimizer steps of the run '
                         '(overrides training.n_iters)')
     parser.add_argument('--seed', type=int, help=f'random seed of a new run (default '
@@ -584,7 +584,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ncsn_jax.experiment import add_log_file
 
-    # The run folder does not exist while the run is prepared: keep those records for its log.
+    # Records logged while the run is prepared come before its folder exists, so they are
+    # buffered here and written to the run's log once the folder is there.
     early = logging.handlers.BufferingHandler(capacity=10_000)
     logging.getLogger().addHandler(early)
     try:

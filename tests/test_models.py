@@ -71,7 +71,8 @@ def test_max_pool_same_gradient_equals_torch():
     torch = pytest.importorskip('torch')
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 9, 7, 3)).astype(np.float32)
-    # A block of equal values: PyTorch sends each window's gradient to its first maximum.
+    # PyTorch sends each window's gradient to its first maximum, which matters in this block of
+    # equal values.
     x[0, 2:5, 1:4, 0] = 5.0
     weights = rng.standard_normal(x.shape).astype(np.float32)
     ours = jax.grad(lambda v: jnp.sum(max_pool_same(v, 5) * weights))(jnp.asarray(x))

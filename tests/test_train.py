@@ -457,10 +457,10 @@ def test_two_devices_match_one_device(tmp_path, tiny_config):
         assert result.returncode == 0, result.stderr
         assert f'on {devices} device(s), batch 8' in result.stderr
         runs[devices] = read_state(only_run_dir(exp) / 'checkpoints' / 'checkpoint.msgpack')
-    # Each device takes half of the batch, and the gradients are summed across the two. One step
-    # only: Adam's first updates are close to lr * sign(gradient), so rounding differences in
-    # near-zero gradients grow. After 3 steps the parameters differed by 1.2e-5 and Adam's first
-    # moments by 6e-4, while the losses still agreed to 1e-7.
+    # Each device takes half of the batch, and the gradients are summed across the two. The runs
+    # take one step because Adam's first updates are close to lr * sign(gradient), so rounding
+    # differences in near-zero gradients grow. After 3 steps the parameters differed by 1.2e-5
+    # and Adam's first moments by 6e-4, while the losses still agreed to 1e-7.
     assert runs[2]['metadata']['step'] == 1
     for name in ('mu', 'nu'):
         error = tree_relative_l2(runs[2]['extra']['adam'][name], runs[1]['extra']['adam'][name])
